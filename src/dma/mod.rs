@@ -1,0 +1,1 @@
+//! Guest memory model, the pure conversion planner and the executors that apply its plans.

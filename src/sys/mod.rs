@@ -1,0 +1,12 @@
+//! Raw uAPI: binding re-exports, ioctl request numbers and the thin `ioctl` wrappers.
+//!
+//! Invariant: every `unsafe` block that issues an ioctl lives in this module. Each wrapper
+//! fixes the argument type for one request number, so callers stay in safe code.
+
+pub mod ioctl;
+pub mod kvm_gmem;
+
+pub use iommufd_bindings::iommufd as iommufd_uapi;
+pub use vfio_bindings::bindings::vfio as vfio_uapi;
+
+pub use ioctl::*;
