@@ -8,6 +8,7 @@
 //! | module | responsibility |
 //! |---|---|
 //! | [`sys`] | raw uAPI: binding re-exports, ioctl numbers, the only `ioctl(2)` calls |
+//! | [`mapper`] | the map/unmap interface both backends implement |
 //! | [`iommufd`] | `/dev/iommu`, IOAS, HWPT: one type per kernel object |
 //! | [`vfio`] | PCI discovery and binding, VFIO cdev devices, legacy group/container |
 //! | [`gmem`] | guest_memfd creation/adoption and the KVM glue (memory attributes) |
@@ -16,5 +17,6 @@
 pub mod dma;
 pub mod gmem;
 pub mod iommufd;
+pub mod mapper;
 pub mod sys;
 pub mod vfio;

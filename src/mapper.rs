@@ -1,0 +1,111 @@
+//! The DMA map/unmap interface shared by both backends: an iommufd IOAS and a legacy VFIO
+//! type1 container. Callers pick a backend or let the library pick, and can always see
+//! which one serves them and whether it can map by fd+offset.
+
+use std::io;
+use std::os::fd::BorrowedFd;
+
+/// Which kernel interface holds the IOMMU mappings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// `/dev/iommu` IOAS, devices attached through their VFIO cdev.
+    Iommufd,
+    /// `/dev/vfio/vfio` container with the type1v2 IOMMU driver, devices through groups.
+    LegacyType1,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Iommufd => "iommufd",
+            Backend::LegacyType1 => "legacy-type1",
+        })
+    }
+}
+
+/// Where a mapping goes in the IO address space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Iova {
+    /// Exactly this IOVA; fails if anything is mapped there.
+    Fixed(u64),
+    /// Any free IOVA the kernel chooses (iommufd only); the chosen IOVA is returned.
+    Any,
+}
+
+/// Device access rights of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Access {
+    pub read: bool,
+    pub write: bool,
+}
+
+impl Access {
+    pub const READ_WRITE: Access = Access {
+        read: true,
+        write: true,
+    };
+    pub const READ_ONLY: Access = Access {
+        read: true,
+        write: false,
+    };
+}
+
+/// A failed map or unmap, with the errno and an explanation of what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum MapError {
+    #[error("{backend} cannot map by fd+offset; map the memory by its virtual address instead")]
+    FileMappingUnsupported { backend: Backend },
+    #[error("{backend} cannot let the kernel choose an IOVA; pass a fixed IOVA")]
+    AnyIovaUnsupported { backend: Backend },
+    #[error("{op} [{iova:#x}, +{len:#x}) failed: {source}{hint}")]
+    Os {
+        op: &'static str,
+        iova: u64,
+        len: u64,
+        hint: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl MapError {
+    /// The OS error number behind this failure, if any.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            MapError::Os { source, .. } => source.raw_os_error(),
+            _ => None,
+        }
+    }
+}
+
+/// Map/unmap guest memory for device DMA, implemented by `iommufd::Ioas` and
+/// `vfio::legacy::Container`.
+pub trait DmaMapper {
+    /// The backend behind this mapper.
+    fn backend(&self) -> Backend;
+
+    /// True if [`DmaMapper::map_file`] can work at all on this backend (the kernel may
+    /// still refuse a particular file kind, e.g. guest_memfd).
+    fn can_map_file(&self) -> bool;
+
+    /// Maps `len` bytes of this process's memory at `va`; returns the IOVA used. The
+    /// kernel pins the pages for as long as they are mapped.
+    fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64, MapError>;
+
+    /// Maps `len` bytes of `fd` from `offset`; returns the IOVA used.
+    fn map_file(
+        &self,
+        iova: Iova,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<u64, MapError>;
+
+    /// Unmaps whole areas inside `[iova, iova+len)`; returns the number of bytes unmapped.
+    fn unmap(&self, iova: u64, len: u64) -> Result<u64, MapError>;
+
+    /// Unmaps everything.
+    fn unmap_all(&self) -> Result<u64, MapError>;
+}
