@@ -576,7 +576,7 @@ fn commit(w: &mut World, reqs: &[ConversionRequest], plan: Plan) -> Result<(), T
 // ---------------------------------------------------------------- properties
 
 proptest! {
-    #![proptest_config(cases(1000))]
+    #![proptest_config(cases(600))]
 
     /// After every committed step: kernel == tracker == model; plans never unmap a page
     /// that stays shared; ops are in the safe order.
@@ -597,7 +597,7 @@ proptest! {
 }
 
 proptest! {
-    #![proptest_config(cases(500))]
+    #![proptest_config(cases(300))]
 
     /// A failure injected at any op (and optionally at any later call, i.e. during the
     /// rollback) leaves kernel == tracker after reconcile, keeps every page safe, reports

@@ -114,7 +114,7 @@ impl RangeSet {
             .range(first..)
             .take_while(move |(&s, _)| s < end)
             .map(|(&s, &e)| s..e)
-            .filter(move |x| x.end > r.start && x.start < x.end)
+            .filter(move |x| x.end > r.start)
     }
 
     /// Parts of `r` that are in the set, clipped to `r`.
