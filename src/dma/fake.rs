@@ -20,6 +20,8 @@
 //!   except that nothing mapped is success with 0 bytes (the compat path does not check
 //!   `unmapped`). With huge pages enabled there is no cut, so a range cutting an area
 //!   fails `ENOENT` like the native unmap.
+//! - zero lengths fail `EINVAL` before any effect (the kernel's compat path may split an
+//!   area at `iova` before failing; plans never use zero lengths).
 //! - attributes: a set of private GPA ranges (`EINVAL` for zero or unaligned ranges).
 //! - discard: a per-region set of discarded offsets.
 //! - fault injection: [`FakeKernel::fail_call`] makes call number `n` (0-based, counting

@@ -7,6 +7,12 @@
 //!   and rolls back on failure;
 //! - [`GuestMemory::commit`] / [`GuestMemory::reconcile`] record what really happened.
 //!
+//! Plan shape (fewer calls is the performance goal): all unmaps, then attribute changes
+//! (to private, then to shared), then maps, then discards. One unmap per maximal IOVA run
+//! of pages turning private (a `Cut` unmap may remove or cut several areas; a native one
+//! removes several whole areas); one attribute call per maximal GPA run that flips; one
+//! map per unmapped run (`Cut`) or granule (`PerGranule`).
+//!
 //! Invariants across the module: the tracker changes only on commit/reconcile; a plan
 //! never unmaps a page that stays shared; a page's KVM attribute turns private only after
 //! every device mapping of it is gone, and a page is mapped only after it turned shared.

@@ -171,7 +171,8 @@ pub struct ConversionRequest {
     pub len: u64,
     /// Target state.
     pub to: PageState,
-    /// After going private, discard the pages' shared backing (only with `to: Private`).
+    /// After going private, discard the shared backing of every page of the request
+    /// (pages already private included). Only with `to: Private`.
     pub discard: bool,
 }
 
