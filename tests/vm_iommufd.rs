@@ -9,7 +9,7 @@ use std::sync::Arc;
 use libtest_mimic::Failed;
 use support::edu_raw::{memfd, Mapping, RawEdu};
 use support::{pci, run_vm_tests, OrFail};
-use vfio_gmem::iommufd::{Error, HwInfoType, Hwpt, HwptFlags, Ioas, Iommufd, Span};
+use vfio_gmem::iommufd::{Error, HwInfoType, Hwpt, HwptFlags, Ioas, Iommufd, RlimitMode, Span};
 use vfio_gmem::mapper::{Access, Backend, DmaMapper, Iova, MapError};
 use vfio_gmem::sys::{self, iommufd_uapi as iu};
 
@@ -37,6 +37,7 @@ fn main() {
             hwpt_alloc_attach_and_hw_info,
         ),
         ("memlock_limit_is_explained", memlock_limit_is_explained),
+        ("rlimit_mode_and_fd_adoption", rlimit_mode_and_fd_adoption),
     ]);
 }
 
@@ -611,5 +612,39 @@ fn memlock_limit_is_explained() -> Result<(), Failed> {
     ioas.map_user(Iova::Fixed(BASE), addr, len, Access::READ_WRITE)
         .or_fail("map_user after restoring the limit")?;
     round_trip(&edu, BASE, &mut map.bytes()[..256], 50)?;
+    Ok(())
+}
+
+fn rlimit_mode_and_fd_adoption() -> Result<(), Failed> {
+    // Adopt an fd as a helper would hand it over (here: opened by us, passed as OwnedFd).
+    let opened: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(Iommufd::PATH)
+        .or_fail("open /dev/iommu")?
+        .into();
+    let iommufd = Arc::new(Iommufd::from_fd(opened).or_fail("Iommufd::from_fd")?);
+    check!(
+        iommufd.rlimit_mode().or_fail("rlimit_mode")? == RlimitMode::User,
+        "default RLIMIT mode is not per-user"
+    );
+    iommufd
+        .set_rlimit_mode(RlimitMode::Process)
+        .or_fail("set_rlimit_mode(Process)")?;
+    check!(
+        iommufd.rlimit_mode().or_fail("rlimit_mode")? == RlimitMode::Process,
+        "RLIMIT mode did not change"
+    );
+    // Once an object exists the mode is fixed: explained.
+    let ioas = iommufd.alloc_ioas().or_fail("alloc_ioas")?;
+    let e = expect_err(
+        iommufd.set_rlimit_mode(RlimitMode::User),
+        "set RLIMIT mode with an IOAS",
+    )?;
+    check!(
+        matches!(e, Error::RlimitMode { .. }) && e.errno() == Some(libc::EBUSY),
+        "{e:?}"
+    );
+    drop(ioas);
     Ok(())
 }
