@@ -326,14 +326,17 @@ impl Ioas {
             ));
         }
         let src_last = last_of(src.id, "IOMMU_IOAS_COPY", src_iova, len)?;
-        // Lock order: the source before the destination; copying within one IOAS takes
-        // its lock once.
-        let src_areas = if std::ptr::eq(self, src) {
-            None
+        // Lock order: ascending IOAS id, so concurrent copies A→B and B→A cannot
+        // deadlock; copying within one IOAS takes its lock once.
+        let (mut areas, src_areas) = if std::ptr::eq(self, src) {
+            (self.lock(), None)
+        } else if src.id < self.id {
+            let s = src.lock();
+            (self.lock(), Some(s))
         } else {
-            Some(src.lock())
+            let d = self.lock();
+            (d, Some(src.lock()))
         };
-        let mut areas = self.lock();
         let pieces = match &src_areas {
             Some(s) => s.pieces(src_iova, src_last),
             None => areas.pieces(src_iova, src_last),
