@@ -64,6 +64,7 @@ impl Mapping {
         // SAFETY: in bounds of the mapping (asserted), aligned register offset.
         unsafe { self.ptr.as_ptr().add(off).cast::<u64>().read_volatile() }
     }
+    #[allow(clippy::mut_from_ref)]
     pub fn bytes(&self) -> &mut [u8] {
         // SAFETY: the mapping is valid for len bytes for the lifetime of self; tests
         // access it from one thread at a time.
