@@ -105,6 +105,9 @@ uapi_arg!(
     vu::vfio_device_detach_iommufd_pt,
 );
 
+// SAFETY: a plain integer; VFIO_GROUP_SET_CONTAINER takes a pointer to the container fd.
+unsafe impl UapiArg for i32 {}
+
 /// Returns a zeroed uAPI struct.
 pub fn zeroed<T: UapiArg>() -> T {
     // SAFETY: UapiArg types are integer-only repr(C) structs; all-zero is a valid value.
