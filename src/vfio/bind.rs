@@ -341,7 +341,8 @@ fn restore(
     Ok(())
 }
 
-/// The previous-driver records: one line per moved device, `<bdf> <driver>` or `<bdf> -`.
+/// The previous-driver records: one line per moved device, `<bdf> <driver>` (the driver
+/// name runs to the end of the line) or `<bdf> -` for "no driver".
 #[derive(Debug)]
 pub(crate) struct StateFile {
     path: PathBuf,
@@ -382,12 +383,16 @@ impl StateFile {
 }
 
 fn parse_state(text: &str) -> BTreeMap<Bdf, Option<String>> {
+    // The driver is the rest of the line: sysfs driver names may contain spaces
+    // (e.g. "i6300ESB timer").
     text.lines()
         .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            let bdf = it.next()?.parse().ok()?;
-            let drv = it.next()?;
-            Some((bdf, (drv != "-").then(|| drv.to_string())))
+            let (bdf, drv) = l.split_once(' ')?;
+            let drv = drv.trim();
+            if drv.is_empty() {
+                return None;
+            }
+            Some((bdf.parse().ok()?, (drv != "-").then(|| drv.to_string())))
         })
         .collect()
 }

@@ -216,8 +216,12 @@ fn restore_falls_back_to_probe_when_the_named_driver_refuses() {
 
 #[test]
 fn state_file_ignores_garbage_lines() {
-    let m = parse_state("0000:00:03.0 e1000e\nnonsense\n0000:00:04.0 -\n00:05.0\n");
-    assert_eq!(m.len(), 2);
+    let m = parse_state(
+        "0000:00:03.0 e1000e\nnonsense\n0000:00:04.0 -\n00:05.0\n0000:00:02.0 i6300ESB timer\n",
+    );
+    assert_eq!(m.len(), 3);
+    assert_eq!(m[&bdf("0000:00:02.0")].as_deref(), Some("i6300ESB timer"));
+    assert_eq!(parse_state(&format_state(&m)), m);
     assert_eq!(m[&bdf("0000:00:03.0")].as_deref(), Some("e1000e"));
     assert_eq!(m[&bdf("0000:00:04.0")], None);
 }
