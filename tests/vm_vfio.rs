@@ -117,8 +117,14 @@ fn refused(eng: &dyn DmaEngine, ram: &mut [u8], iova: u64) -> Result<(), Failed>
         ram.iter().all(|&b| b == 0xaa),
         "the device wrote through an unmapped IOVA {iova:#x}"
     );
+    // The fault log is corroboration, not the proof (memory is). virtio-iommu reports
+    // faults through an event queue that a 4 KiB DMA (one fault per 4 bytes) overflows:
+    // QEMU then drops reports ("no buffer available in event queue"), so only intel-iommu's
+    // log is required to grow.
     let after = pci::iommu_fault_count();
-    check!(after > before, "no IOMMU fault logged ({before} → {after})");
+    if support::vm_iommu().as_deref() == Some("intel") {
+        check!(after > before, "no IOMMU fault logged ({before} → {after})");
+    }
     Ok(())
 }
 
@@ -377,6 +383,12 @@ fn cdev_reset() -> Result<(), Failed> {
     check!(
         eng.bar0().read_u32(edu::REG_LIVENESS) == !0x1234_5678u32,
         "liveness"
+    );
+    // VFIO reports a reset exactly when the kernel found a reset method for the device.
+    check!(
+        info.can_reset() == !methods.trim().is_empty(),
+        "can_reset {} but reset_method {methods:?}",
+        info.can_reset()
     );
     let r = eng.device().reset();
     if info.can_reset() {
