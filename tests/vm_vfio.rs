@@ -117,13 +117,13 @@ fn refused(eng: &dyn DmaEngine, ram: &mut [u8], iova: u64) -> Result<(), Failed>
         ram.iter().all(|&b| b == 0xaa),
         "the device wrote through an unmapped IOVA {iova:#x}"
     );
-    // The fault log is corroboration, not the proof (memory is). virtio-iommu reports
-    // faults through an event queue that a 4 KiB DMA (one fault per 4 bytes) overflows:
-    // QEMU then drops reports ("no buffer available in event queue"), so only intel-iommu's
-    // log is required to grow.
+    // The fault log is corroboration, not the proof (memory is), and it is not reliable
+    // enough to require: intel-iommu prints faults through a ratelimit (10 per 5 s,
+    // drivers/iommu/intel/dmar.c), and virtio-iommu reports them through an event queue
+    // that one 4 KiB DMA (a fault per 4 bytes) overflows ("no buffer available").
     let after = pci::iommu_fault_count();
-    if support::vm_iommu().as_deref() == Some("intel") {
-        check!(after > before, "no IOMMU fault logged ({before} → {after})");
+    if after == before {
+        eprintln!("note: refused DMA at {iova:#x} left no (unsuppressed) fault in the log");
     }
     Ok(())
 }
