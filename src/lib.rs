@@ -14,6 +14,7 @@
 //! | [`gmem`] | guest_memfd creation/adoption and the KVM glue (memory attributes) |
 //! | [`dma`] | guest memory model, the pure conversion planner, executors, the DMA space |
 
+pub mod control;
 pub mod dma;
 pub mod gmem;
 pub mod iommufd;

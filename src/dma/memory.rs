@@ -1,0 +1,290 @@
+//! The tracker: registered regions, per-page KVM attribute state and live IOMMU areas.
+//!
+//! Invariants:
+//! - regions are disjoint in GPA and in IOVA; keyed by first GPA;
+//! - a region's bitmap has one bit per page, set = private attribute;
+//! - `areas` is keyed by first IOVA, areas are disjoint, each lies inside one region's
+//!   IOVA range and records the offset within that region it maps;
+//! - after a successful plan, for every convertible region a page is mapped iff it is
+//!   shared, and a `Whole` region is mapped entirely; a failed rollback can leave
+//!   exceptions, which [`GuestMemory::reconcile`] records truthfully and a later
+//!   conversion repairs (planning looks at attributes and mappings separately);
+//! - the tracker changes only in `commit`/`reconcile`, each bumping `generation`.
+
+use super::error::{ExecError, Outcome, PlanError};
+use super::model::{Area, PageState, RegionId, RegionSpec, Strategy, PAGE_SIZE};
+use super::pages::PageBitmap;
+use super::plan::{Op, Plan, RegionChange};
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+/// A registered region: its spec and the attribute bit of each page.
+#[derive(Clone, Debug)]
+pub struct Region {
+    /// Identifier.
+    pub id: RegionId,
+    /// The spec it was registered with.
+    pub spec: RegionSpec,
+    /// First IOVA.
+    pub iova: u64,
+    /// One bit per page; set = private.
+    pub(crate) private: PageBitmap,
+}
+
+impl Region {
+    /// GPA range.
+    pub fn gpa_range(&self) -> Range<u64> {
+        self.spec.gpa..self.spec.gpa + self.spec.len
+    }
+
+    /// IOVA range.
+    pub fn iova_range(&self) -> Range<u64> {
+        self.iova..self.iova + self.spec.len
+    }
+
+    /// IOVA of a GPA inside the region.
+    pub fn gpa_to_iova(&self, gpa: u64) -> u64 {
+        gpa - self.spec.gpa + self.iova
+    }
+
+    /// State of the page holding `gpa` (must be inside the region).
+    pub fn page_state(&self, gpa: u64) -> PageState {
+        if self.private.get((gpa - self.spec.gpa) / PAGE_SIZE) {
+            PageState::Private
+        } else {
+            PageState::Shared
+        }
+    }
+
+    /// Maximal GPA runs inside `r` (clipped to the region) whose pages are in `state`.
+    pub fn runs(&self, r: Range<u64>, state: PageState) -> impl Iterator<Item = Range<u64>> + '_ {
+        let g = self.gpa_range();
+        let (s, e) = (r.start.max(g.start), r.end.min(g.end));
+        let base = self.spec.gpa;
+        let pages = if s < e {
+            (s - base) / PAGE_SIZE..(e - base) / PAGE_SIZE
+        } else {
+            0..0
+        };
+        self.private
+            .runs(pages, state == PageState::Private)
+            .map(move |p| base + p.start * PAGE_SIZE..base + p.end * PAGE_SIZE)
+    }
+
+    /// Strategy shortcut.
+    pub fn strategy(&self) -> Strategy {
+        self.spec.strategy
+    }
+}
+
+/// Tracker of one guest's RAM regions in one IOVA space (one IOAS or container).
+///
+/// Planning methods take `&self` and return a [`Plan`]; the tracker changes only when a
+/// plan is committed (after [`execute`](crate::dma::execute) succeeded) or reconciled
+/// (after it failed).
+///
+/// ```
+/// use vfio_gmem::dma::*;
+/// let mut mem = GuestMemory::new();
+/// let mut kernel = FakeKernel::new();
+/// let id = mem.register(RegionSpec::new(0, 1 << 20, Backing::Opaque(0)), &mut kernel).unwrap();
+/// let plan = mem.plan_convert(0x4000, 0x2000, PageState::Private).unwrap();
+/// let stats = execute(&plan, &mut kernel).unwrap();
+/// mem.commit(plan).unwrap();
+/// assert_eq!(stats.ioctls, 2); // one cut-unmap, one attribute change
+/// assert_eq!(mem.page_state(0x4000), Some(PageState::Private));
+/// assert_eq!(mem.area_count(), 2);
+/// # let _ = id;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct GuestMemory {
+    pub(crate) regions: BTreeMap<u64, Region>,
+    pub(crate) areas: BTreeMap<u64, Area>,
+    pub(crate) next_id: u64,
+    pub(crate) generation: u64,
+}
+
+impl GuestMemory {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counter bumped by every commit or reconcile.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Registered regions, by GPA.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.values()
+    }
+
+    /// The region with this id.
+    pub fn region(&self, id: RegionId) -> Option<&Region> {
+        self.regions.values().find(|r| r.id == id)
+    }
+
+    /// The region containing `gpa`.
+    pub fn region_at(&self, gpa: u64) -> Option<&Region> {
+        self.regions
+            .range(..=gpa)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| gpa < r.spec.gpa + r.spec.len)
+    }
+
+    /// State of the page containing `gpa`, if registered.
+    pub fn page_state(&self, gpa: u64) -> Option<PageState> {
+        self.region_at(gpa).map(|r| r.page_state(gpa))
+    }
+
+    /// Live IOMMU areas, by IOVA.
+    pub fn areas(&self) -> impl Iterator<Item = &Area> {
+        self.areas.values()
+    }
+
+    /// Number of live IOMMU areas.
+    pub fn area_count(&self) -> usize {
+        self.areas.len()
+    }
+
+    /// Approximate heap bytes used by the tracker (bitmaps plus area and region maps).
+    pub fn tracker_bytes(&self) -> usize {
+        // A BTreeMap entry costs roughly its key and value plus ~1/11 of a node header;
+        // count key+value plus 16 bytes of overhead per entry.
+        let area_entry = std::mem::size_of::<(u64, Area)>() + 16;
+        let region_entry = std::mem::size_of::<(u64, Region)>() + 16;
+        self.areas.len() * area_entry
+            + self
+                .regions
+                .values()
+                .map(|r| region_entry + r.private.memory_bytes())
+                .sum::<usize>()
+    }
+
+    /// Areas whose IOVA range intersects `r`, ascending.
+    pub(crate) fn areas_in(&self, r: Range<u64>) -> impl Iterator<Item = &Area> + '_ {
+        let first = match self.areas.range(..r.start).next_back() {
+            Some((&k, a)) if a.iova + a.len > r.start => k,
+            _ => r.start,
+        };
+        self.areas
+            .range(first..)
+            .map(|(_, a)| a)
+            .take_while(move |a| a.iova < r.end)
+    }
+
+    /// Records a plan that [`execute`](crate::dma::execute) ran to completion.
+    pub fn commit(&mut self, plan: Plan) -> Result<(), PlanError> {
+        self.check_generation(&plan)?;
+        let ops = plan.ops;
+        self.apply(plan.change, &ops, true);
+        Ok(())
+    }
+
+    /// Records what a failed plan really did, from the calls that took effect.
+    ///
+    /// After `RolledBack` the tracker is unchanged but for area boundaries the undo
+    /// created (a restored piece of a cut area is a separate area, as in the kernel).
+    pub fn reconcile(&mut self, plan: Plan, err: &ExecError) -> Result<(), PlanError> {
+        self.check_generation(&plan)?;
+        let complete = matches!(err.outcome, Outcome::NotDiscarded { .. });
+        self.apply(plan.change, &err.applied, complete);
+        Ok(())
+    }
+
+    fn check_generation(&self, plan: &Plan) -> Result<(), PlanError> {
+        if plan.generation != self.generation {
+            return Err(PlanError::StalePlan {
+                plan: plan.generation,
+                tracker: self.generation,
+            });
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool) {
+        let mut registered = None;
+        if let RegionChange::Register(r) = change.clone() {
+            registered = Some(r.id);
+            self.next_id = self.next_id.max(r.id.0 + 1);
+            self.regions.insert(r.spec.gpa, *r);
+        }
+        for op in ops {
+            self.apply_op(op);
+        }
+        let drop_region = match change {
+            RegionChange::Register(_) if !complete => registered.filter(|&id| !self.has_areas(id)),
+            RegionChange::Deregister(id) if complete || !self.has_areas(id) => Some(id),
+            _ => None,
+        };
+        if let Some(id) = drop_region {
+            self.regions.retain(|_, r| r.id != id);
+        }
+        self.generation += 1;
+    }
+
+    fn has_areas(&self, id: RegionId) -> bool {
+        self.region(id)
+            .map(|r| self.areas_in(r.iova_range()).next().is_some())
+            .unwrap_or(false)
+    }
+
+    fn apply_op(&mut self, op: &Op) {
+        match op {
+            Op::Map(m) => {
+                let prev = self.areas.insert(
+                    m.iova,
+                    Area {
+                        iova: m.iova,
+                        len: m.len,
+                        region: m.region,
+                        offset: m.offset,
+                    },
+                );
+                debug_assert!(prev.is_none(), "tracker mapped {m:?} twice");
+            }
+            Op::Unmap(u) => self.remove_areas(u.iova..u.iova + u.len),
+            Op::SetAttributes(a) => {
+                let r = a.gpa..a.gpa + a.len;
+                for reg in self.regions.values_mut() {
+                    let g = reg.gpa_range();
+                    let (s, e) = (r.start.max(g.start), r.end.min(g.end));
+                    if s < e {
+                        let base = reg.spec.gpa;
+                        reg.private
+                            .set_range((s - base) / PAGE_SIZE..(e - base) / PAGE_SIZE, a.private);
+                    }
+                }
+            }
+            Op::Discard(_) => {}
+        }
+    }
+
+    /// Removes `r` from the area map, keeping the parts of areas outside it (the kernel's
+    /// cut-then-unmap; for native unmaps the range never cuts, so this is plain removal).
+    fn remove_areas(&mut self, r: Range<u64>) {
+        let hit: Vec<Area> = self.areas_in(r.clone()).copied().collect();
+        for a in hit {
+            self.areas.remove(&a.iova);
+            if a.iova < r.start {
+                let left = Area {
+                    len: r.start - a.iova,
+                    ..a
+                };
+                self.areas.insert(left.iova, left);
+            }
+            let end = a.iova + a.len;
+            if end > r.end {
+                let right = Area {
+                    iova: r.end,
+                    len: end - r.end,
+                    region: a.region,
+                    offset: a.offset + (r.end - a.iova),
+                };
+                self.areas.insert(right.iova, right);
+            }
+        }
+    }
+}
