@@ -19,7 +19,7 @@ use support::{pci, run_vm_tests, OrFail};
 use vfio_gmem::mapper::{Access, DmaMapper, Iova, MapError};
 use vfio_gmem::sys::{self, iommufd_uapi as iu};
 use vfio_gmem::vfio::{
-    Bdf, Binder, Container, Device, Group, IrqKind, PciSysfs, Readiness, VfioError,
+    Bdf, Binder, Container, Device, EventFd, Group, IrqKind, PciSysfs, Readiness, VfioError,
 };
 
 fn main() {
@@ -46,6 +46,7 @@ fn main() {
             cdev_attach_replace_and_detach,
         ),
         ("cdev_msi_on_dma_completion", cdev_msi_on_dma_completion),
+        ("cdev_intx_and_absent_msix", cdev_intx_and_absent_msix),
         ("cdev_reset", cdev_reset),
         (
             "cdev_second_user_refused_first_unaffected",
@@ -370,6 +371,38 @@ fn cdev_msi_on_dma_completion() -> Result<(), Failed> {
     eng.device()
         .disable_irq(IrqKind::Msi)
         .or_fail("disable MSI")?;
+    Ok(())
+}
+
+fn cdev_intx_and_absent_msix() -> Result<(), Failed> {
+    let (eng, _iommufd, _) = cdev_edu(0)?;
+    let dev = eng.device();
+    let intx = dev.irq_info(IrqKind::Intx).or_fail("INTx info")?;
+    check!(
+        intx.count == 1 && intx.eventfd() && intx.automasked(),
+        "INTx info {intx:?}"
+    );
+    let ev = EventFd::new().or_fail("eventfd")?;
+    dev.enable_irq(IrqKind::Intx, 0, &[&ev])
+        .or_fail("enable INTx")?;
+    for round in 0..2 {
+        // edu's 0x60 register raises its interrupt with the written bits as status.
+        eng.bar0().write_u32(0x60, 0x1);
+        let fired = ev.wait_timeout(Duration::from_secs(10)).or_fail("wait")?;
+        check!(fired.is_some(), "no INTx (round {round})");
+        eng.bar0().write_u32(edu::REG_IRQ_ACK, 0x1);
+        // VFIO masked the level interrupt when it fired: unmask for the next one.
+        dev.unmask_intx().or_fail("unmask INTx")?;
+    }
+    dev.disable_irq(IrqKind::Intx).or_fail("disable INTx")?;
+    // edu has no MSI-X: the info says so and enabling it fails with an explanation.
+    let msix = dev.irq_info(IrqKind::Msix).or_fail("MSI-X info")?;
+    check!(msix.count == 0, "edu MSI-X count {}", msix.count);
+    let e = dev
+        .enable_irq(IrqKind::Msix, 0, &[&ev])
+        .err()
+        .ok_or("MSI-X enabled")?;
+    check!(e.to_string().contains("irq_info"), "unclear: {e}");
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -317,7 +317,7 @@ impl Group {
     pub fn device(&self, bdf: Bdf) -> Result<Device> {
         let name = CString::new(bdf.to_string()).expect("BDF has no NUL");
         let mut buf = name.into_bytes_with_nul();
-        let fd = sys::ioctl_with_buf(self.file.as_fd(), sys::VFIO_GROUP_GET_DEVICE_FD, &mut buf)
+        let fd = sys::ioctl_new_fd(self.file.as_fd(), sys::VFIO_GROUP_GET_DEVICE_FD, &mut buf)
             .map_err(|e| {
                 let hint = match e.raw_os_error() {
                     Some(libc::EINVAL) => {
@@ -330,8 +330,6 @@ impl Group {
                 };
                 VfioError::ioctl_hint("VFIO_GROUP_GET_DEVICE_FD", bdf.to_string(), e, hint)
             })?;
-        // SAFETY: on success the ioctl returns a new device fd that nothing else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         Ok(Device::from_fd(fd, bdf.to_string()))
     }
 }
