@@ -58,28 +58,37 @@ impl Executor for RealExecutor<'_> {
                 // SAFETY: the region's owner keeps `fd` open while the region is
                 // registered (DmaSpace owns a dup of it); used for this call only.
                 let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-                self.mapper().map_file(iova, fd, offset + op.offset, op.len, rw)
+                self.mapper()
+                    .map_file(iova, fd, offset + op.offset, op.len, rw)
             }
             Backing::Address(va) => self.mapper().map_user(iova, va + op.offset, op.len, rw),
             Backing::Opaque(_) => {
-                return Err(self.fail(libc::EINVAL, format!("{}: opaque backing cannot be mapped", op.region)))
+                return Err(self.fail(
+                    libc::EINVAL,
+                    format!("{}: opaque backing cannot be mapped", op.region),
+                ))
             }
         };
-        r.map(drop).map_err(|e| self.fail(errno_of(&e), e.to_string()))
+        r.map(drop)
+            .map_err(|e| self.fail(errno_of(&e), e.to_string()))
     }
 
     fn unmap(&mut self, op: &UnmapOp) -> Result<u64, OpError> {
         let r = match (op.kind, &self.iommu) {
-            (UnmapKind::Cut, IommuTarget::Ioas { ioas, cut: true }) => {
-                ioas.cut_unmap(op.iova, op.len).map_err(|e| (e.errno().unwrap_or(libc::EIO), e.to_string()))
-            }
+            (UnmapKind::Cut, IommuTarget::Ioas { ioas, cut: true }) => ioas
+                .cut_unmap(op.iova, op.len)
+                .map_err(|e| (e.errno().unwrap_or(libc::EIO), e.to_string())),
             (UnmapKind::Cut, _) => Err((
                 libc::EOPNOTSUPP,
-                format!("cut-unmap of [{:#x}, +{:#x}) needs a verified compat IOAS", op.iova, op.len),
+                format!(
+                    "cut-unmap of [{:#x}, +{:#x}) needs a verified compat IOAS",
+                    op.iova, op.len
+                ),
             )),
-            (UnmapKind::Native, _) => {
-                self.mapper().unmap(op.iova, op.len).map_err(|e| (errno_of(&e), e.to_string()))
-            }
+            (UnmapKind::Native, _) => self
+                .mapper()
+                .unmap(op.iova, op.len)
+                .map_err(|e| (errno_of(&e), e.to_string())),
         };
         r.map_err(|(errno, text)| self.fail(errno, text))
     }

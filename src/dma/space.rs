@@ -61,7 +61,14 @@ pub struct GuestRegion {
 impl GuestRegion {
     /// A non-convertible, all-shared region at identity IOVA.
     pub fn new(gpa: u64, len: u64, shared: SharedMemory) -> Self {
-        GuestRegion { gpa, len, iova_offset: 0, shared, convertible: None, granule: PAGE_SIZE }
+        GuestRegion {
+            gpa,
+            len,
+            iova_offset: 0,
+            shared,
+            convertible: None,
+            granule: PAGE_SIZE,
+        }
     }
     /// Makes the region convertible, starting with every page in `initial`.
     pub fn convertible(mut self, initial: PageState) -> Self {
@@ -144,7 +151,10 @@ pub struct SpaceOptions {
 
 impl Default for SpaceOptions {
     fn default() -> Self {
-        SpaceOptions { conversions: true, force_strategy: None }
+        SpaceOptions {
+            conversions: true,
+            force_strategy: None,
+        }
     }
 }
 
@@ -219,14 +229,20 @@ pub struct DmaSpace {
 impl DmaSpace {
     /// A space on a new IOAS of `iommufd`. With `vm`, conversions also set KVM memory
     /// attributes (`KVM_SET_MEMORY_ATTRIBUTES`) in the documented order.
-    pub fn iommufd(iommufd: &Arc<Iommufd>, vm: Option<KvmVm<Arc<VmFd>>>, options: SpaceOptions) -> Result<Self, SpaceError> {
+    pub fn iommufd(
+        iommufd: &Arc<Iommufd>,
+        vm: Option<KvmVm<Arc<VmFd>>>,
+        options: SpaceOptions,
+    ) -> Result<Self, SpaceError> {
         let ioas = Ioas::new(iommufd)?;
         let mut cut = CutSupport::NotProbed;
         if options.conversions {
             // Both must happen before anything is mapped (the kernel refuses to turn
             // huge pages off once domains hold mappings).
             if let Err(e) = ioas.set_huge_pages(false).and_then(|_| ioas.set_compat()) {
-                cut = CutSupport::Unavailable(format!("cannot prepare a compat IOAS with huge pages off: {e}"));
+                cut = CutSupport::Unavailable(format!(
+                    "cannot prepare a compat IOAS with huge pages off: {e}"
+                ));
             }
         }
         Ok(DmaSpace::with(Iommu::Iommufd { ioas }, vm, options, cut))
@@ -235,15 +251,33 @@ impl DmaSpace {
     /// A space on another mapper, e.g. a legacy VFIO type1 container with its groups
     /// already set: devices are attached by the caller; mapping is by VA with
     /// per-granule areas for convertible regions.
-    pub fn with_mapper(mapper: Box<dyn DmaMapper + Send>, vm: Option<KvmVm<Arc<VmFd>>>, options: SpaceOptions) -> Self {
+    pub fn with_mapper(
+        mapper: Box<dyn DmaMapper + Send>,
+        vm: Option<KvmVm<Arc<VmFd>>>,
+        options: SpaceOptions,
+    ) -> Self {
         let cut = CutSupport::Unavailable(format!("{} cannot cut areas", mapper.backend()));
         let mut space = DmaSpace::with(Iommu::Mapper(mapper), vm, options, cut);
         space.devices = 1;
         space
     }
 
-    fn with(iommu: Iommu, vm: Option<KvmVm<Arc<VmFd>>>, options: SpaceOptions, cut: CutSupport) -> Self {
-        DmaSpace { iommu, vm, memory: GuestMemory::new(), slots: HashMap::new(), cut, devices: 0, options, totals: Stats::default() }
+    fn with(
+        iommu: Iommu,
+        vm: Option<KvmVm<Arc<VmFd>>>,
+        options: SpaceOptions,
+        cut: CutSupport,
+    ) -> Self {
+        DmaSpace {
+            iommu,
+            vm,
+            memory: GuestMemory::new(),
+            slots: HashMap::new(),
+            cut,
+            devices: 0,
+            options,
+            totals: Stats::default(),
+        }
     }
 
     /// The backend holding the mappings.
@@ -276,8 +310,13 @@ impl DmaSpace {
                 detail: "this space uses a legacy container: add the device's group to the container instead".into(),
             });
         };
-        let attach_err = |e: crate::vfio::Error| SpaceError::Attach { device: device.name().to_string(), detail: e.to_string() };
-        device.bind_iommufd(ioas.iommufd().as_fd()).map_err(attach_err)?;
+        let attach_err = |e: crate::vfio::VfioError| SpaceError::Attach {
+            device: device.name().to_string(),
+            detail: e.to_string(),
+        };
+        device
+            .bind_iommufd(ioas.iommufd().as_fd())
+            .map_err(attach_err)?;
         device.attach(ioas.id()).map_err(attach_err)?;
         self.devices += 1;
         if self.cut == CutSupport::NotProbed {
@@ -299,28 +338,60 @@ impl DmaSpace {
                 _ => Strategy::PerGranule,
             }),
         };
-        let bad = |why: String| SpaceError::BadRegion { gpa: region.gpa, len: region.len, why };
+        let bad = |why: String| SpaceError::BadRegion {
+            gpa: region.gpa,
+            len: region.len,
+            why,
+        };
         let (backing, slot) = match region.shared {
             SharedMemory::Address { addr } => (
                 Backing::Address(addr),
-                Slot { _file: None, _mapping: None, path: MapPath::VirtualAddress { reason: "given by address".into() } },
+                Slot {
+                    _file: None,
+                    _mapping: None,
+                    path: MapPath::VirtualAddress {
+                        reason: "given by address".into(),
+                    },
+                },
             ),
-            SharedMemory::File { fd, offset } => match self.file_path(&fd, offset, region.gpa, region.iova_offset) {
-                Ok(()) => (
-                    Backing::File { fd: fd.as_raw_fd(), offset },
-                    Slot { _file: Some(fd), _mapping: None, path: MapPath::FileOffset },
-                ),
-                Err(reason) => {
-                    let len = usize::try_from(region.len).map_err(|_| bad("too large to mmap".into()))?;
-                    let mapping = MappedMemory::map_shared(fd.as_fd(), offset, len)
-                        .map_err(|e| bad(format!("mmap of the shared backing for the VA fallback failed: {e}")))?;
-                    log::info!("GPA [{:#x}, +{:#x}): mapping by VA: {reason}", region.gpa, region.len);
-                    (
-                        Backing::Address(mapping.addr()),
-                        Slot { _file: Some(fd), _mapping: Some(mapping), path: MapPath::VirtualAddress { reason } },
-                    )
+            SharedMemory::File { fd, offset } => {
+                match self.file_path(&fd, offset, region.gpa, region.iova_offset) {
+                    Ok(()) => (
+                        Backing::File {
+                            fd: fd.as_raw_fd(),
+                            offset,
+                        },
+                        Slot {
+                            _file: Some(fd),
+                            _mapping: None,
+                            path: MapPath::FileOffset,
+                        },
+                    ),
+                    Err(reason) => {
+                        let len = usize::try_from(region.len)
+                            .map_err(|_| bad("too large to mmap".into()))?;
+                        let mapping =
+                            MappedMemory::map_shared(fd.as_fd(), offset, len).map_err(|e| {
+                                bad(format!(
+                                    "mmap of the shared backing for the VA fallback failed: {e}"
+                                ))
+                            })?;
+                        log::info!(
+                            "GPA [{:#x}, +{:#x}): mapping by VA: {reason}",
+                            region.gpa,
+                            region.len
+                        );
+                        (
+                            Backing::Address(mapping.addr()),
+                            Slot {
+                                _file: Some(fd),
+                                _mapping: Some(mapping),
+                                path: MapPath::VirtualAddress { reason },
+                            },
+                        )
+                    }
                 }
-            },
+            }
         };
         let mut spec = RegionSpec::new(region.gpa, region.len, backing)
             .iova_offset(region.iova_offset)
@@ -329,15 +400,29 @@ impl DmaSpace {
             .initial(region.convertible.unwrap_or(PageState::Shared));
         spec.convertible = region.convertible.is_some();
         let plan = self.memory.plan_register(spec)?;
-        let id = plan.registered_region().expect("a registration plan names its region");
+        let id = plan
+            .registered_region()
+            .expect("a registration plan names its region");
         // The guest's view must agree before devices see anything: private regions are
         // private in KVM first (their plan maps nothing).
         if let (Some(vm), Some(PageState::Private)) = (&self.vm, region.convertible) {
             vm.set_private(region.gpa, region.len)?;
         }
-        log::info!("{id}: GPA [{:#x}, +{:#x}) {:?}, {}", region.gpa, region.len, strategy, slot.path);
+        log::info!(
+            "{id}: GPA [{:#x}, +{:#x}) {:?}, {}",
+            region.gpa,
+            region.len,
+            strategy,
+            slot.path
+        );
         self.slots.insert(id, slot);
-        match self.run(plan, format!("mapping new region GPA [{:#x}, +{:#x})", region.gpa, region.len)) {
+        match self.run(
+            plan,
+            format!(
+                "mapping new region GPA [{:#x}, +{:#x})",
+                region.gpa, region.len
+            ),
+        ) {
             Ok(_) => Ok(id),
             Err(e) => {
                 self.slots.remove(&id);
@@ -357,7 +442,13 @@ impl DmaSpace {
     /// Converts `[gpa, gpa+len)` to `to`. Going private: unmap, then KVM attributes,
     /// then (with `discard`) the shared backing is released. Going shared: attributes,
     /// then map. On failure everything is rolled back and the error says so.
-    pub fn convert(&mut self, gpa: u64, len: u64, to: PageState, discard: bool) -> Result<Stats, SpaceError> {
+    pub fn convert(
+        &mut self,
+        gpa: u64,
+        len: u64,
+        to: PageState,
+        discard: bool,
+    ) -> Result<Stats, SpaceError> {
         let mut req = ConversionRequest::new(gpa, len, to);
         if discard {
             req = req.discard_shared();
@@ -377,14 +468,21 @@ impl DmaSpace {
 
     fn run(&mut self, plan: super::plan::Plan, what: String) -> Result<Stats, SpaceError> {
         let iommu = match &self.iommu {
-            Iommu::Iommufd { ioas } => IommuTarget::Ioas { ioas, cut: self.cut == CutSupport::Verified },
+            Iommu::Iommufd { ioas } => IommuTarget::Ioas {
+                ioas,
+                cut: self.cut == CutSupport::Verified,
+            },
             Iommu::Mapper(m) => IommuTarget::Mapper(m.as_ref()),
         };
         let kvm = match &self.vm {
             Some(vm) => KvmAttributes::new(vm),
             None => KvmAttributes::without_vm(),
         };
-        let mut exec = RealExecutor { iommu, kvm, last_error: None };
+        let mut exec = RealExecutor {
+            iommu,
+            kvm,
+            last_error: None,
+        };
         let result = self.memory.run(plan, &mut exec);
         let detail = exec.last_error.take();
         match result {
@@ -395,7 +493,11 @@ impl DmaSpace {
             Err(DmaError::Plan(e)) => Err(e.into()),
             Err(DmaError::Exec(source)) => {
                 self.totals.accumulate(&source.stats);
-                Err(SpaceError::Exec { what, detail, source })
+                Err(SpaceError::Exec {
+                    what,
+                    detail,
+                    source,
+                })
             }
         }
     }
@@ -403,18 +505,35 @@ impl DmaSpace {
     /// Decides whether `fd` can be mapped by fd+offset here: `Err(reason)` means by VA.
     /// The answer comes from the kernel, with a device attached: one page is mapped at
     /// the region's own IOVA and unmapped again.
-    fn file_path(&self, fd: &OwnedFd, offset: u64, gpa: u64, iova_offset: i64) -> Result<(), String> {
+    fn file_path(
+        &self,
+        fd: &OwnedFd,
+        offset: u64,
+        gpa: u64,
+        iova_offset: i64,
+    ) -> Result<(), String> {
         let Iommu::Iommufd { ioas } = &self.iommu else {
             return Err(format!("{} maps by virtual address only", self.backend()));
         };
         let iova = gpa.wrapping_add_signed(iova_offset);
-        match ioas.map_file(Iova::Fixed(iova), fd.as_fd(), offset, PAGE_SIZE, Access::READ_WRITE) {
+        match ioas.map_file(
+            Iova::Fixed(iova),
+            fd.as_fd(),
+            offset,
+            PAGE_SIZE,
+            Access::READ_WRITE,
+        ) {
             Ok(_) => {
-                ioas.unmap(iova, PAGE_SIZE).map_err(|e| format!("probe unmap failed: {e}"))?;
+                ioas.unmap(iova, PAGE_SIZE)
+                    .map_err(|e| format!("probe unmap failed: {e}"))?;
                 Ok(())
             }
-            Err(iommufd::Error::FileNotPinnable { .. }) => Err("the kernel cannot pin this file for MAP_FILE".into()),
-            Err(e) if e.errno() == Some(libc::ENOTTY) => Err("this kernel has no IOMMU_IOAS_MAP_FILE (before 6.13)".into()),
+            Err(iommufd::Error::FileNotPinnable { .. }) => {
+                Err("the kernel cannot pin this file for MAP_FILE".into())
+            }
+            Err(e) if e.errno() == Some(libc::ENOTTY) => {
+                Err("this kernel has no IOMMU_IOAS_MAP_FILE (before 6.13)".into())
+            }
             Err(e) => Err(format!("MAP_FILE refused: {e}")),
         }
     }
@@ -425,19 +544,26 @@ impl DmaSpace {
             .memory
             .regions()
             .map(|r| {
-                let shared: u64 = r.runs(r.gpa_range(), PageState::Shared).map(|x| x.end - x.start).sum();
+                let shared: u64 = r
+                    .runs(r.gpa_range(), PageState::Shared)
+                    .map(|x| x.end - x.start)
+                    .sum();
                 let iova = r.iova_range();
                 RegionReport {
-                    id: r.id().0,
+                    id: r.id.0,
                     gpa: r.gpa_range().start,
                     len: r.gpa_range().end - r.gpa_range().start,
                     iova: iova.start,
                     convertible: r.strategy() != Strategy::Whole,
                     strategy: format!("{:?}", r.strategy()).to_lowercase(),
-                    path: self.slots.get(&r.id()).map(|s| s.path.clone()).unwrap_or(MapPath::FileOffset),
+                    path: self
+                        .slots
+                        .get(&r.id)
+                        .map(|s| s.path.clone())
+                        .unwrap_or(MapPath::FileOffset),
                     shared_bytes: shared,
                     private_bytes: (iova.end - iova.start) - shared,
-                    areas: self.memory.areas().filter(|a| a.region == r.id()).count(),
+                    areas: self.memory.areas().filter(|a| a.region == r.id).count(),
                 }
             })
             .collect();
@@ -484,16 +610,29 @@ fn probe_cut(ioas: &Ioas) -> CutSupport {
             .find(|(s, e)| e.saturating_sub(*s) >= 3 * PAGE_SIZE)
             .map(|(s, _)| s)
             .ok_or("no usable IOVA range of 3 pages")?;
-        let scratch = Memfd::new("vfio-gmem-cut-probe", 3 * PAGE_SIZE).map_err(|e| e.to_string())?;
-        ioas.map_file(Iova::Fixed(base), scratch.file().as_fd(), 0, 3 * PAGE_SIZE, Access::READ_WRITE)
-            .map_err(|e| format!("probe map failed: {e}"))?;
+        let scratch =
+            Memfd::new("vfio-gmem-cut-probe", 3 * PAGE_SIZE).map_err(|e| e.to_string())?;
+        ioas.map_file(
+            Iova::Fixed(base),
+            scratch.file().as_fd(),
+            0,
+            3 * PAGE_SIZE,
+            Access::READ_WRITE,
+        )
+        .map_err(|e| format!("probe map failed: {e}"))?;
         let result = (|| {
-            let cut = ioas.cut_unmap(base + PAGE_SIZE, PAGE_SIZE).map_err(|e| e.to_string())?;
+            let cut = ioas
+                .cut_unmap(base + PAGE_SIZE, PAGE_SIZE)
+                .map_err(|e| e.to_string())?;
             if cut != PAGE_SIZE {
-                return Err(format!("compat unmap of one page inside an area removed {cut} bytes"));
+                return Err(format!(
+                    "compat unmap of one page inside an area removed {cut} bytes"
+                ));
             }
             for piece in [base, base + 2 * PAGE_SIZE] {
-                let n = ioas.unmap(piece, PAGE_SIZE).map_err(|e| format!("the cut left no separate area: {e}"))?;
+                let n = ioas
+                    .unmap(piece, PAGE_SIZE)
+                    .map_err(|e| format!("the cut left no separate area: {e}"))?;
                 if n != PAGE_SIZE {
                     return Err(format!("a cut piece unmapped {n} bytes, not one page"));
                 }

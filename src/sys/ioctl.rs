@@ -105,6 +105,9 @@ uapi_arg!(
     vu::vfio_device_detach_iommufd_pt,
 );
 
+// SAFETY: a plain integer; VFIO_GROUP_SET_CONTAINER takes a pointer to the container fd.
+unsafe impl UapiArg for i32 {}
+
 /// Returns a zeroed uAPI struct.
 pub fn zeroed<T: UapiArg>() -> T {
     // SAFETY: UapiArg types are integer-only repr(C) structs; all-zero is a valid value.
@@ -155,6 +158,18 @@ pub fn ioctl_with_buf(fd: BorrowedFd<'_>, req: libc::c_ulong, buf: &mut [u8]) ->
     } else {
         Ok(r)
     }
+}
+
+/// Issues `req` with a byte buffer (see [`ioctl_with_buf`]) for a request that returns a
+/// new file descriptor on success (VFIO_GROUP_GET_DEVICE_FD), and takes ownership of it.
+pub fn ioctl_new_fd(
+    fd: BorrowedFd<'_>,
+    req: libc::c_ulong,
+    buf: &mut [u8],
+) -> io::Result<std::os::fd::OwnedFd> {
+    let r = ioctl_with_buf(fd, req, buf)?;
+    // SAFETY: on success these requests return a fresh descriptor that nothing else owns.
+    Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r) })
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod dma_engine;
+pub mod edu;
 pub mod edu_raw;
 pub mod pci;
 

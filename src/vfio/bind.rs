@@ -1,0 +1,437 @@
+//! Binding whole IOMMU groups to vfio-pci through `driver_override`, and giving them back.
+//!
+//! The previous driver of every member we move is written to a small state file (default
+//! `/run/vfio-gmem/previous-drivers`) *before* the member is touched, so an `unbind` in
+//! another process, or after a crash, can restore it. `/run` is a tmpfs: the file vanishes
+//! on reboot, exactly when the bindings it describes vanish.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use super::error::{Result, VfioError};
+use super::sysfs::{is_vfio_driver, PciDevice, PciSysfs, BENIGN_DRIVERS, VFIO_PCI};
+use super::Bdf;
+
+/// Default location of the previous-driver records.
+pub const DEFAULT_STATE_FILE: &str = "/run/vfio-gmem/previous-drivers";
+
+/// What `bind` does with one group member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MemberAction {
+    /// Already bound to vfio-pci (or a variant): nothing to do.
+    AlreadyVfio { bdf: Bdf },
+    /// Left alone: a bridge or a driver that does no DMA of its own (pcieport, pci-stub).
+    Leave { bdf: Bdf, driver: Option<String> },
+    /// Moved to vfio-pci; `from` is the driver it leaves (restored by unbind).
+    Rebind { bdf: Bdf, from: Option<String> },
+}
+
+/// The members of one IOMMU group and what `bind` will do with each.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BindPlan {
+    pub group: u32,
+    pub actions: Vec<MemberAction>,
+}
+
+/// One member given back by `unbind`, and the driver it now has.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Restored {
+    pub bdf: Bdf,
+    /// The driver recorded at bind time (`None`: it was unbound, or nothing was recorded).
+    pub previous: Option<String>,
+    /// The driver bound after the restore.
+    pub now: Option<String>,
+}
+
+/// Binds and unbinds devices, group by group.
+///
+/// ```no_run
+/// use vfio_gmem::vfio::Binder;
+/// let binder = Binder::new();
+/// let plan = binder.bind("0000:00:03.0".parse()?)?;
+/// println!("group {}: {:?}", plan.group, plan.actions);
+/// // ... use the device through VFIO ...
+/// for r in binder.unbind("0000:00:03.0".parse()?)? {
+///     println!("{} back to {:?}", r.bdf, r.now);
+/// }
+/// # Ok::<(), vfio_gmem::vfio::VfioError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct Binder {
+    sysfs: PciSysfs,
+    state: PathBuf,
+    proc_root: PathBuf,
+}
+
+impl Default for Binder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Binder {
+    /// The live system, with records in [`DEFAULT_STATE_FILE`].
+    pub fn new() -> Self {
+        Self::with(PciSysfs::new(), DEFAULT_STATE_FILE)
+    }
+
+    /// A binder over another sysfs tree and state file (tests, or a non-root runtime dir).
+    ///
+    /// ```
+    /// use vfio_gmem::vfio::{Binder, PciSysfs};
+    /// let b = Binder::with(PciSysfs::with_roots("/tmp/s", "/tmp/d"), "/tmp/state");
+    /// assert_eq!(b.state_file(), std::path::Path::new("/tmp/state"));
+    /// ```
+    pub fn with(sysfs: PciSysfs, state: impl Into<PathBuf>) -> Self {
+        Binder {
+            sysfs,
+            state: state.into(),
+            proc_root: "/proc".into(),
+        }
+    }
+
+    /// Where previous drivers are recorded.
+    pub fn state_file(&self) -> &Path {
+        &self.state
+    }
+
+    /// What `bind(bdf)` would do, without changing anything.
+    ///
+    /// ```no_run
+    /// use vfio_gmem::vfio::Binder;
+    /// let plan = Binder::new().plan("0000:00:03.0".parse()?)?;
+    /// println!("{plan:?}");
+    /// # Ok::<(), vfio_gmem::vfio::VfioError>(())
+    /// ```
+    pub fn plan(&self, bdf: Bdf) -> Result<BindPlan> {
+        let dev = self.sysfs.device(bdf)?;
+        let group = dev.iommu_group.ok_or(VfioError::NoIommuGroup { bdf })?;
+        plan_group(group, &self.sysfs.group_members(group)?)
+    }
+
+    /// Binds every member of `bdf`'s IOMMU group to vfio-pci (bridges and benign drivers
+    /// stay). If any member fails, the members already moved go back to their drivers.
+    pub fn bind(&self, bdf: Bdf) -> Result<BindPlan> {
+        let plan = self.plan(bdf)?;
+        let ops = SysfsOps(&self.sysfs);
+        let mut state = StateFile::load(&self.state)?;
+        apply_bind(&ops, &plan, &mut state)?;
+        Ok(plan)
+    }
+
+    /// Unbinds `bdf`'s group members from vfio-pci and restores the drivers recorded at
+    /// bind time. Members bound to vfio-pci by someone else (no record) are left alone,
+    /// except `bdf` itself, which is handed to the kernel's default driver. Refuses with
+    /// [`VfioError::InUse`], changing nothing, if a member's VFIO node is open (the
+    /// kernel's unbind would block until it is closed).
+    pub fn unbind(&self, bdf: Bdf) -> Result<Vec<Restored>> {
+        let dev = self.sysfs.device(bdf)?;
+        let members = match dev.iommu_group {
+            Some(g) => self.sysfs.group_members(g)?,
+            None => vec![dev],
+        };
+        let mut state = StateFile::load(&self.state)?;
+        let targets: Vec<&PciDevice> = members
+            .iter()
+            .filter(|m| m.is_vfio_bound() && (m.bdf == bdf || state.get(m.bdf).is_some()))
+            .collect();
+        for m in &targets {
+            self.check_not_in_use(m)?;
+        }
+        // Records of members that are no longer vfio-bound are stale: drop them.
+        for m in &members {
+            if !m.is_vfio_bound() {
+                state.remove(m.bdf);
+            }
+        }
+        let ops = SysfsOps(&self.sysfs);
+        let mut out = Vec::new();
+        for m in targets {
+            let previous = state.get(m.bdf).cloned().flatten();
+            let recorded = state.get(m.bdf).is_some();
+            restore(
+                &ops,
+                m.bdf,
+                m.driver.as_deref(),
+                previous.as_deref(),
+                !recorded,
+            )?;
+            state.remove(m.bdf);
+            state.save()?;
+            out.push(Restored {
+                bdf: m.bdf,
+                previous,
+                now: ops.driver(m.bdf)?,
+            });
+        }
+        state.save()?;
+        Ok(out)
+    }
+
+    /// Fails with [`VfioError::InUse`] if `dev`'s VFIO cdev or group node is open.
+    pub fn check_not_in_use(&self, dev: &PciDevice) -> Result<()> {
+        let mut nodes: Vec<PathBuf> = dev.vfio_cdev.iter().cloned().collect();
+        if let Some(g) = dev.iommu_group {
+            nodes.push(self.sysfs.group_node(g));
+        }
+        if let Some(pid) = find_opener(&self.proc_root, &nodes) {
+            return Err(VfioError::InUse {
+                what: format!("{} ({})", dev.bdf, nodes[0].display()),
+                pid: Some(pid),
+            });
+        }
+        // A group node that refuses a second open is held by a legacy user or by a
+        // cdev bound to iommufd (possibly in another mount namespace).
+        if let Some(g) = dev.iommu_group {
+            let node = self.sysfs.group_node(g);
+            match fs::OpenOptions::new().read(true).write(true).open(&node) {
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    return Err(VfioError::InUse {
+                        what: format!("{} (IOMMU group {g})", dev.bdf),
+                        pid: None,
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decides what `bind` does with each member. Fails if a member that bind will not move
+/// (a bridge) is bound to a driver that keeps the group non-viable.
+pub fn plan_group(group: u32, members: &[PciDevice]) -> Result<BindPlan> {
+    let mut actions = Vec::new();
+    for m in members {
+        let driver = m.driver.clone();
+        let action = match driver.as_deref() {
+            Some(d) if is_vfio_driver(d) => MemberAction::AlreadyVfio { bdf: m.bdf },
+            Some(d) if BENIGN_DRIVERS.contains(&d) => MemberAction::Leave { bdf: m.bdf, driver },
+            _ if m.is_bridge() => match driver {
+                None => MemberAction::Leave { bdf: m.bdf, driver },
+                Some(d) => {
+                    return Err(VfioError::GroupNotViable {
+                        group,
+                        member: m.bdf,
+                        driver: d,
+                    })
+                }
+            },
+            _ => MemberAction::Rebind {
+                bdf: m.bdf,
+                from: driver,
+            },
+        };
+        actions.push(action);
+    }
+    Ok(BindPlan { group, actions })
+}
+
+/// Kernel driver-model operations on one device. The real implementation writes sysfs;
+/// tests substitute a model of the kernel.
+pub(crate) trait DriverOps {
+    fn driver(&self, bdf: Bdf) -> Result<Option<String>>;
+    /// Sets (`Some`) or clears (`None`) `driver_override`.
+    fn set_override(&self, bdf: Bdf, driver: Option<&str>) -> Result<()>;
+    fn unbind(&self, bdf: Bdf) -> Result<()>;
+    /// Binds to a named driver (`drivers/<name>/bind`).
+    fn bind_to(&self, bdf: Bdf, driver: &str) -> Result<()>;
+    /// Lets the kernel pick a driver (`drivers_probe`).
+    fn probe(&self, bdf: Bdf) -> Result<()>;
+}
+
+struct SysfsOps<'a>(&'a PciSysfs);
+
+fn write_sysfs(path: PathBuf, value: &str) -> Result<()> {
+    fs::write(&path, value).map_err(|e| VfioError::sysfs(path, e))
+}
+
+impl DriverOps for SysfsOps<'_> {
+    fn driver(&self, bdf: Bdf) -> Result<Option<String>> {
+        Ok(self.0.device(bdf)?.driver)
+    }
+    fn set_override(&self, bdf: Bdf, driver: Option<&str>) -> Result<()> {
+        // An empty write (a lone newline) clears the override.
+        let path = self.0.device_dir(bdf).join("driver_override");
+        write_sysfs(path, driver.unwrap_or("\n"))
+    }
+    fn unbind(&self, bdf: Bdf) -> Result<()> {
+        write_sysfs(
+            self.0.device_dir(bdf).join("driver/unbind"),
+            &bdf.to_string(),
+        )
+    }
+    fn bind_to(&self, bdf: Bdf, driver: &str) -> Result<()> {
+        write_sysfs(self.0.driver_dir(driver).join("bind"), &bdf.to_string())
+    }
+    fn probe(&self, bdf: Bdf) -> Result<()> {
+        write_sysfs(self.0.drivers_probe(), &bdf.to_string())
+    }
+}
+
+/// Executes a bind plan; on failure, undoes the members already moved (in reverse order)
+/// and returns the first error.
+pub(crate) fn apply_bind(
+    ops: &dyn DriverOps,
+    plan: &BindPlan,
+    state: &mut StateFile,
+) -> Result<()> {
+    let mut done: Vec<(Bdf, Option<String>)> = Vec::new();
+    for action in &plan.actions {
+        let MemberAction::Rebind { bdf, from } = action else {
+            continue;
+        };
+        // Record first: if we die half-way, a later unbind still knows what to restore.
+        // A member to move is not vfio-bound now, so any older record for it is stale.
+        state.set(*bdf, from.clone());
+        state.save()?;
+        done.push((*bdf, from.clone()));
+        if let Err(e) = move_to_vfio(ops, *bdf, from.as_deref()) {
+            for (b, prev) in done.iter().rev() {
+                let cur = ops.driver(*b).ok().flatten();
+                // Best effort: the original error is what the caller needs to see.
+                let _ = restore(ops, *b, cur.as_deref(), prev.as_deref(), false);
+                state.remove(*b);
+            }
+            let _ = state.save();
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+fn move_to_vfio(ops: &dyn DriverOps, bdf: Bdf, from: Option<&str>) -> Result<()> {
+    ops.set_override(bdf, Some(VFIO_PCI))?;
+    if from.is_some() {
+        ops.unbind(bdf)?;
+    }
+    ops.probe(bdf)?;
+    match ops.driver(bdf)? {
+        Some(d) if is_vfio_driver(&d) => Ok(()),
+        other => Err(VfioError::Unsupported(format!(
+            "{bdf}: vfio-pci did not take the device after probe (driver now {}); is vfio-pci built in or loaded (modprobe vfio-pci)?",
+            other.as_deref().unwrap_or("none")
+        ))),
+    }
+}
+
+/// Gives `bdf` back: clear the override, leave `current`, and bind `previous` (or, when
+/// `probe_if_none`, let the kernel choose).
+fn restore(
+    ops: &dyn DriverOps,
+    bdf: Bdf,
+    current: Option<&str>,
+    previous: Option<&str>,
+    probe_if_none: bool,
+) -> Result<()> {
+    ops.set_override(bdf, None)?;
+    if current.is_some() {
+        ops.unbind(bdf)?;
+    }
+    // The named driver may refuse (e.g. it was a module since unloaded): fall back to the
+    // kernel's choice rather than leaving the device orphaned.
+    match previous {
+        Some(d) if ops.bind_to(bdf, d).is_ok() => {}
+        Some(_) => ops.probe(bdf)?,
+        None if probe_if_none => ops.probe(bdf)?,
+        None => {}
+    }
+    Ok(())
+}
+
+/// The previous-driver records: one line per moved device, `<bdf> <driver>` (the driver
+/// name runs to the end of the line) or `<bdf> -` for "no driver".
+#[derive(Debug)]
+pub(crate) struct StateFile {
+    path: PathBuf,
+    entries: BTreeMap<Bdf, Option<String>>,
+}
+
+impl StateFile {
+    pub(crate) fn load(path: &Path) -> Result<Self> {
+        let text = match fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(VfioError::sysfs(path, e)),
+        };
+        Ok(StateFile {
+            path: path.to_path_buf(),
+            entries: parse_state(&text),
+        })
+    }
+    pub(crate) fn get(&self, bdf: Bdf) -> Option<&Option<String>> {
+        self.entries.get(&bdf)
+    }
+    pub(crate) fn set(&mut self, bdf: Bdf, driver: Option<String>) {
+        self.entries.insert(bdf, driver);
+    }
+    pub(crate) fn remove(&mut self, bdf: Bdf) {
+        self.entries.remove(&bdf);
+    }
+    /// Writes the records atomically (temp file + rename).
+    pub(crate) fn save(&self) -> Result<()> {
+        let err = |e| VfioError::sysfs(&self.path, e);
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        fs::write(&tmp, format_state(&self.entries)).map_err(err)?;
+        fs::rename(&tmp, &self.path).map_err(err)
+    }
+}
+
+fn parse_state(text: &str) -> BTreeMap<Bdf, Option<String>> {
+    // The driver is the rest of the line: sysfs driver names may contain spaces
+    // (e.g. "i6300ESB timer").
+    text.lines()
+        .filter_map(|l| {
+            let (bdf, drv) = l.split_once(' ')?;
+            let drv = drv.trim();
+            if drv.is_empty() {
+                return None;
+            }
+            Some((bdf.parse().ok()?, (drv != "-").then(|| drv.to_string())))
+        })
+        .collect()
+}
+
+fn format_state(entries: &BTreeMap<Bdf, Option<String>>) -> String {
+    entries
+        .iter()
+        .map(|(b, d)| format!("{b} {}\n", d.as_deref().unwrap_or("-")))
+        .collect()
+}
+
+/// The first pid (other than none) with one of `nodes` open, by scanning `/proc/*/fd`.
+/// Includes this process. Processes we may not inspect are skipped.
+fn find_opener(proc_root: &Path, nodes: &[PathBuf]) -> Option<u32> {
+    let nodes: Vec<PathBuf> = nodes.iter().filter(|n| n.exists()).cloned().collect();
+    if nodes.is_empty() {
+        return None;
+    }
+    for entry in fs::read_dir(proc_root).ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(target) = fs::read_link(fd.path()) {
+                if nodes.contains(&target) {
+                    return Some(pid);
+                }
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,237 @@
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::vfio::testing::FakeSysfs;
+
+fn bdf(s: &str) -> Bdf {
+    s.parse().unwrap()
+}
+
+/// A model of the kernel's driver core: `driver_override` wins at probe time, otherwise
+/// the device's default driver; named binds succeed only for that default driver.
+#[derive(Default)]
+struct Kernel {
+    driver: RefCell<BTreeMap<Bdf, Option<String>>>,
+    over: RefCell<BTreeMap<Bdf, Option<String>>>,
+    default: BTreeMap<Bdf, String>,
+    /// Probing this device with vfio-pci fails (e.g. the device refuses).
+    refuse_vfio: Option<Bdf>,
+    log: RefCell<Vec<String>>,
+}
+
+impl Kernel {
+    fn with(devs: &[(&str, Option<&str>)]) -> Self {
+        let mut k = Kernel::default();
+        for (b, d) in devs {
+            k.driver.borrow_mut().insert(bdf(b), d.map(str::to_string));
+            if let Some(d) = d {
+                k.default.insert(bdf(b), d.to_string());
+            }
+        }
+        k
+    }
+    fn drv(&self, b: &str) -> Option<String> {
+        self.driver.borrow()[&bdf(b)].clone()
+    }
+}
+
+impl DriverOps for Kernel {
+    fn driver(&self, b: Bdf) -> Result<Option<String>> {
+        Ok(self.driver.borrow()[&b].clone())
+    }
+    fn set_override(&self, b: Bdf, d: Option<&str>) -> Result<()> {
+        self.log.borrow_mut().push(format!("override {b} {d:?}"));
+        self.over.borrow_mut().insert(b, d.map(str::to_string));
+        Ok(())
+    }
+    fn unbind(&self, b: Bdf) -> Result<()> {
+        self.log.borrow_mut().push(format!("unbind {b}"));
+        self.driver.borrow_mut().insert(b, None);
+        Ok(())
+    }
+    fn bind_to(&self, b: Bdf, d: &str) -> Result<()> {
+        self.log.borrow_mut().push(format!("bind {b} {d}"));
+        if self.default.get(&b).map(String::as_str) != Some(d) {
+            return Err(VfioError::sysfs(
+                "bind",
+                io::Error::from_raw_os_error(libc::ENODEV),
+            ));
+        }
+        self.driver.borrow_mut().insert(b, Some(d.to_string()));
+        Ok(())
+    }
+    fn probe(&self, b: Bdf) -> Result<()> {
+        self.log.borrow_mut().push(format!("probe {b}"));
+        let over = self.over.borrow().get(&b).cloned().flatten();
+        let pick = match over {
+            Some(d) if d == VFIO_PCI && self.refuse_vfio == Some(b) => None,
+            Some(d) => Some(d),
+            None => self.default.get(&b).cloned(),
+        };
+        self.driver.borrow_mut().insert(b, pick);
+        Ok(())
+    }
+}
+
+fn dev(b: &str, class: u32, driver: Option<&str>) -> PciDevice {
+    PciDevice {
+        bdf: bdf(b),
+        vendor: 0x1234,
+        device: 0x11e8,
+        class,
+        driver: driver.map(str::to_string),
+        driver_override: None,
+        iommu_group: Some(7),
+        vfio_cdev: None,
+    }
+}
+
+fn state_in(f: &FakeSysfs) -> StateFile {
+    StateFile::load(&f.path("run/previous-drivers")).unwrap()
+}
+
+#[test]
+fn plan_moves_endpoints_and_leaves_bridges_and_benign_drivers() {
+    let members = [
+        dev("0000:00:1c.0", 0x060400, Some("pcieport")),
+        dev("0000:01:00.0", 0x020000, Some("e1000e")),
+        dev("0000:01:00.1", 0x040300, None),
+        dev("0000:01:00.2", 0x0c0330, Some("vfio-pci")),
+        dev("0000:01:00.3", 0x0c0330, Some("pci-stub")),
+    ];
+    let plan = plan_group(7, &members).unwrap();
+    assert_eq!(
+        plan.actions,
+        [
+            MemberAction::Leave {
+                bdf: bdf("0000:00:1c.0"),
+                driver: Some("pcieport".into())
+            },
+            MemberAction::Rebind {
+                bdf: bdf("0000:01:00.0"),
+                from: Some("e1000e".into())
+            },
+            MemberAction::Rebind {
+                bdf: bdf("0000:01:00.1"),
+                from: None
+            },
+            MemberAction::AlreadyVfio {
+                bdf: bdf("0000:01:00.2")
+            },
+            MemberAction::Leave {
+                bdf: bdf("0000:01:00.3"),
+                driver: Some("pci-stub".into())
+            },
+        ]
+    );
+}
+
+#[test]
+fn plan_refuses_a_bridge_with_a_dma_capable_driver() {
+    let members = [
+        dev("0000:00:1c.0", 0x060400, Some("shpchp-like")),
+        dev("0000:01:00.0", 0x020000, None),
+    ];
+    let e = plan_group(7, &members).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("member 0000:00:1c.0 is bound to shpchp-like"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bind_records_previous_drivers_and_unbind_restores_them() {
+    let f = FakeSysfs::new("bind-rt");
+    let k = Kernel::with(&[("0000:01:00.0", Some("e1000e")), ("0000:01:00.1", None)]);
+    let members = [
+        dev("0000:01:00.0", 0x020000, Some("e1000e")),
+        dev("0000:01:00.1", 0x040300, None),
+    ];
+    let plan = plan_group(7, &members).unwrap();
+    let mut st = state_in(&f);
+    apply_bind(&k, &plan, &mut st).unwrap();
+    assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(k.drv("0000:01:00.1").as_deref(), Some("vfio-pci"));
+    // Another process reads the records back from the file.
+    let text = fs::read_to_string(f.path("run/previous-drivers")).unwrap();
+    assert_eq!(text, "0000:01:00.0 e1000e\n0000:01:00.1 -\n");
+    let st2 = state_in(&f);
+    for b in ["0000:01:00.0", "0000:01:00.1"] {
+        let prev = st2.get(bdf(b)).cloned().flatten();
+        restore(&k, bdf(b), Some("vfio-pci"), prev.as_deref(), false).unwrap();
+    }
+    assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("e1000e"));
+    assert_eq!(k.drv("0000:01:00.1"), None);
+    assert_eq!(k.over.borrow()[&bdf("0000:01:00.0")], None);
+}
+
+#[test]
+fn failed_member_rolls_back_the_members_already_moved() {
+    let f = FakeSysfs::new("bind-rollback");
+    let mut k = Kernel::with(&[
+        ("0000:01:00.0", Some("e1000e")),
+        ("0000:01:00.1", Some("snd_hda_intel")),
+    ]);
+    k.refuse_vfio = Some(bdf("0000:01:00.1"));
+    let members = [
+        dev("0000:01:00.0", 0x020000, Some("e1000e")),
+        dev("0000:01:00.1", 0x040300, Some("snd_hda_intel")),
+    ];
+    let plan = plan_group(7, &members).unwrap();
+    let mut st = state_in(&f);
+    let e = apply_bind(&k, &plan, &mut st).unwrap_err();
+    assert!(e.to_string().contains("0000:01:00.1"), "{e}");
+    assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("e1000e"));
+    assert_eq!(k.drv("0000:01:00.1").as_deref(), Some("snd_hda_intel"));
+    assert!(
+        k.over.borrow().values().all(Option::is_none),
+        "{:?}",
+        k.over.borrow()
+    );
+    assert_eq!(
+        fs::read_to_string(f.path("run/previous-drivers")).unwrap(),
+        ""
+    );
+}
+
+#[test]
+fn restore_falls_back_to_probe_when_the_named_driver_refuses() {
+    let k = Kernel::with(&[("0000:01:00.0", Some("e1000e"))]);
+    k.driver
+        .borrow_mut()
+        .insert(bdf("0000:01:00.0"), Some("vfio-pci".into()));
+    restore(
+        &k,
+        bdf("0000:01:00.0"),
+        Some("vfio-pci"),
+        Some("gone_module"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("e1000e"));
+    assert!(k.log.borrow().iter().any(|l| l == "probe 0000:01:00.0"));
+}
+
+#[test]
+fn state_file_ignores_garbage_lines() {
+    let m = parse_state(
+        "0000:00:03.0 e1000e\nnonsense\n0000:00:04.0 -\n00:05.0\n0000:00:02.0 i6300ESB timer\n",
+    );
+    assert_eq!(m.len(), 3);
+    assert_eq!(m[&bdf("0000:00:02.0")].as_deref(), Some("i6300ESB timer"));
+    assert_eq!(parse_state(&format_state(&m)), m);
+    assert_eq!(m[&bdf("0000:00:03.0")].as_deref(), Some("e1000e"));
+    assert_eq!(m[&bdf("0000:00:04.0")], None);
+}
+
+#[test]
+fn binder_unbind_of_an_unbound_device_changes_nothing() {
+    let f = FakeSysfs::new("binder-noop");
+    f.add("0000:00:04.0", 0x1234, 0x11e8, 0x00ff00, Some(4));
+    let b = Binder::with(f.sysfs(), f.path("run/previous-drivers"));
+    assert_eq!(b.unbind(bdf("0000:00:04.0")).unwrap(), vec![]);
+    let e = b.bind(bdf("0000:00:09.0")).unwrap_err();
+    assert!(matches!(e, VfioError::NoSuchDevice { .. }), "{e}");
+}
