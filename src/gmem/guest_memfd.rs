@@ -124,8 +124,9 @@ impl GuestMemfd {
         Ok(GuestMemfd { file, size, flags })
     }
 
-    /// True if `fd` is a guest_memfd (its filesystem, or its `/proc/self/fd` link
-    /// `anon_inode:[kvm-gmem]` on older kernels).
+    /// True if `fd` is a guest_memfd: it lives on guest_memfd's own filesystem
+    /// (`GUEST_MEMFD_MAGIC`; its `/proc/self/fd` link reads `/[kvm-gmem] (deleted)` on 7.3),
+    /// or on older kernels its link reads `anon_inode:[kvm-gmem]`.
     ///
     /// ```
     /// let f = std::fs::File::open("/proc/self/stat").unwrap();
