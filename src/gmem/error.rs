@@ -74,7 +74,7 @@ pub enum GmemError {
     },
 
     /// The 2 MiB huge page pool cannot back a hugetlb memfd.
-    #[error("no free 2 MiB huge pages for {what} ({pages} needed): {source}; reserve them with `echo N > /proc/sys/vm/nr_hugepages` (N at least {pages} more than others use; now {nr_hugepages})")]
+    #[error("no free 2 MiB huge pages for {what} ({pages} needed): {source}; reserve them with `echo N > /proc/sys/vm/nr_hugepages` (N = the pages others use + {pages}; now {nr_hugepages})")]
     NoHugePages {
         /// The object and operation.
         what: String,

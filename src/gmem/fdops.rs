@@ -8,8 +8,9 @@ use super::error::GmemError;
 /// Filesystem magic of the guest_memfd pseudo filesystem (include/uapi/linux/magic.h).
 pub(crate) const GUEST_MEMFD_MAGIC: i64 = 0x474d_454d;
 
-/// What `/proc/self/fd/N` links to for a guest_memfd on kernels before its own
-/// filesystem (6.8 - 6.17); 6.18+ reports the same name.
+/// What `/proc/self/fd/N` links to for a guest_memfd on kernels where it was a plain
+/// anonymous inode (6.8 - 6.17). Kernels with guest_memfd's own filesystem (7.3 measured)
+/// show `/[kvm-gmem] (deleted)` instead, so the filesystem magic is checked first.
 pub(crate) const GUEST_MEMFD_LINK: &str = "anon_inode:[kvm-gmem]";
 
 /// `fallocate(2)` with `mode`.
@@ -57,8 +58,8 @@ pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
     Ok(unsafe { st.assume_init() }.f_type as i64)
 }
 
-/// True if `fd` is a guest_memfd: its filesystem is guest_memfd's own (6.18+) or its
-/// link names the `[kvm-gmem]` anonymous inode.
+/// True if `fd` is a guest_memfd: its filesystem is guest_memfd's own (`GUEST_MEMFD_MAGIC`)
+/// or, on older kernels, its link names the `[kvm-gmem]` anonymous inode.
 pub(crate) fn is_guest_memfd(fd: BorrowedFd<'_>) -> bool {
     fs_magic(fd).ok() == Some(GUEST_MEMFD_MAGIC) || fd_link(fd) == GUEST_MEMFD_LINK
 }

@@ -124,8 +124,9 @@ impl GuestMemfd {
         Ok(GuestMemfd { file, size, flags })
     }
 
-    /// True if `fd` is a guest_memfd (its filesystem, or its `/proc/self/fd` link
-    /// `anon_inode:[kvm-gmem]` on older kernels).
+    /// True if `fd` is a guest_memfd: it lives on guest_memfd's own filesystem
+    /// (`GUEST_MEMFD_MAGIC`; its `/proc/self/fd` link reads `/[kvm-gmem] (deleted)` on 7.3),
+    /// or on older kernels its link reads `anon_inode:[kvm-gmem]`.
     ///
     /// ```
     /// let f = std::fs::File::open("/proc/self/stat").unwrap();
@@ -155,6 +156,13 @@ impl GuestMemfd {
 
     /// Maps the whole file shared and read-write. Needs `MMAP`; reading or writing a
     /// page that is private kills the process with `SIGBUS`.
+    ///
+    /// In Linux 7.3 host access is decided per file, not per page: a file created with
+    /// `INIT_SHARED` is host-accessible everywhere, one without it nowhere, whatever
+    /// `KVM_SET_MEMORY_ATTRIBUTES` says. On a VM type with private memory (which refuses
+    /// `INIT_SHARED`) the shared backing therefore has to be a separate file ([`Memfd`]).
+    ///
+    /// [`Memfd`]: super::Memfd
     pub fn mmap(&self) -> Result<MappedMemory, GmemError> {
         self.mmap_range(0, self.size)
     }

@@ -18,7 +18,12 @@
 //! - `KVM_CAP_MEMORY_ATTRIBUTES` on a VM fd is `PRIVATE` only for VM types with private
 //!   memory; setting `PRIVATE` elsewhere fails with `EINVAL`;
 //! - guest_memfd `fallocate` needs `KEEP_SIZE` and 4 KiB aligned ranges; `mmap` needs the
-//!   `MMAP` flag (`ENODEV` otherwise), and faulting a private page raises `SIGBUS`.
+//!   `MMAP` flag (`ENODEV` otherwise), and faulting a private page raises `SIGBUS`;
+//! - whether the host may touch a guest_memfd page is fixed per file by `INIT_SHARED`
+//!   (no in-place conversion in 7.3), so VMs with private memory pair guest_memfd with a
+//!   separate shared backing ([`Memfd`]) and KVM attributes pick between them;
+//! - a guest_memfd lives on its own pseudo filesystem (`GUEST_MEMFD_MAGIC`); its
+//!   `/proc/self/fd` link reads `/[kvm-gmem] (deleted)` on 7.3.
 
 mod attributes;
 mod error;
