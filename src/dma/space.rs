@@ -355,6 +355,7 @@ impl DmaSpace {
                 },
             ),
             SharedMemory::File { fd, offset } => {
+                check_backing_file(&fd, offset, region.len).map_err(bad)?;
                 match self.file_path(&fd, offset, region.gpa, region.iova_offset) {
                     Ok(()) => (
                         Backing::File {
@@ -595,6 +596,28 @@ impl DmaSpace {
     pub fn memory(&self) -> &GuestMemory {
         &self.memory
     }
+}
+
+/// Checks that `fd` is a kind of file guest memory can live in and covers the region.
+fn check_backing_file(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), String> {
+    let kind = crate::gmem::fdops::guest_memory_kind(fd.as_fd()).map_err(|what| {
+        format!(
+            "fd {} is {what}; guest memory must be a memfd, a hugetlb memfd or a guest_memfd \
+             created with MMAP|INIT_SHARED",
+            fd.as_raw_fd()
+        )
+    })?;
+    // /proc/self/fd/N is a magic link: metadata() stats the open file itself.
+    let size = std::fs::metadata(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| format!("cannot stat fd {}: {e}", fd.as_raw_fd()))?
+        .len();
+    if offset.checked_add(len).is_none_or(|end| end > size) {
+        return Err(format!(
+            "the {kind} file is {size:#x} bytes but the region needs [{offset:#x}, +{len:#x}) of it; \
+             grow the file or fix the offset"
+        ));
+    }
+    Ok(())
 }
 
 /// Proves on the running kernel that an area can be cut: three pages mapped as one area

@@ -126,3 +126,18 @@ pub(crate) fn nr_hugepages() -> String {
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
+
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
+/// What kind of guest-memory file `fd` is (`memfd/shmem`, `hugetlbfs`, `guest_memfd`), or
+/// a description of what it is instead.
+pub(crate) fn guest_memory_kind(fd: BorrowedFd<'_>) -> Result<&'static str, String> {
+    match fs_magic(fd) {
+        Ok(TMPFS_MAGIC) => Ok("shmem"),
+        Ok(HUGETLBFS_MAGIC) => Ok("hugetlbfs"),
+        Ok(GUEST_MEMFD_MAGIC) => Ok("guest_memfd"),
+        _ if is_guest_memfd(fd) => Ok("guest_memfd"),
+        _ => Err(describe_fd(fd)),
+    }
+}

@@ -27,7 +27,7 @@
 
 mod attributes;
 mod error;
-mod fdops;
+pub(crate) mod fdops;
 mod flags;
 mod guest_memfd;
 mod memfd;
