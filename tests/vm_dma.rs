@@ -49,6 +49,10 @@ fn main() {
             "fake_kernel_rules_match_the_real_kernel",
             fake_kernel_rules_match_the_real_kernel,
         ),
+        (
+            "teardown_leaves_no_fds_or_pins",
+            teardown_leaves_no_fds_or_pins,
+        ),
     ]);
 }
 
@@ -630,5 +634,51 @@ fn fake_kernel_rules_match_the_real_kernel() -> Result<(), Failed> {
         check!(k == f, "step {i} {step:?}: kernel {k:?}, fake {f:?}");
     }
     eprintln!("{} calls: fake == kernel at every step", script.len());
+    Ok(())
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `VmPin` of this process in KiB (pages pinned for DMA).
+fn vm_pin_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Dropping every object returns fds and pinned pages to their baseline, and the device
+/// can be assigned again.
+fn teardown_leaves_no_fds_or_pins() -> Result<(), Failed> {
+    let (fds0, pin0) = (open_fds(), vm_pin_kib());
+    for round in 0..2 {
+        let len = 64 * PAGE;
+        let (mut space, edu, shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
+        space
+            .convert(GPA + 8 * PAGE, 8 * PAGE, PageState::Private, false)
+            .or_fail("convert")?;
+        dma_works(&edu, &mut view, 0, GPA, round)?;
+        let pinned = vm_pin_kib();
+        check!(
+            pinned >= pin0 + 56 * 4,
+            "expected ≥ 224 KiB pinned while mapped, VmPin {pin0} → {pinned} KiB"
+        );
+        drop((edu, space, view, shared));
+        let (fds, pin) = (open_fds(), vm_pin_kib());
+        check!(
+            fds == fds0,
+            "round {round}: {fds0} fds before, {fds} after dropping everything"
+        );
+        check!(
+            pin == pin0,
+            "round {round}: VmPin {pin0} KiB before, {pin} KiB after"
+        );
+    }
     Ok(())
 }
