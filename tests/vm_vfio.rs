@@ -64,6 +64,7 @@ fn main() {
             "legacy_second_group_open_refused",
             legacy_second_group_open_refused,
         ),
+        ("no_irq_remap_is_explained", no_irq_remap_is_explained),
     ]);
 }
 
@@ -640,5 +641,59 @@ fn legacy_second_group_open_refused() -> Result<(), Failed> {
         eng.bar0().read_u32(edu::REG_ID) & 0xff == 0xed,
         "first user lost the device"
     );
+    Ok(())
+}
+
+/// Without interrupt remapping (virtio-iommu on x86) and without the unsafe-interrupts
+/// override, both paths refuse the device with EPERM; the error must explain why and what
+/// the override risks. Only meaningful when the VM runs with the override turned off:
+///   scripts/vm-run --iommu virtio --append "iommufd.allow_unsafe_interrupts=0
+///   vfio_iommu_type1.allow_unsafe_interrupts=0" -- <vm_vfio binary> no_irq_remap
+/// Elsewhere it checks that the override or remapping is in place and binding works.
+fn no_irq_remap_is_explained() -> Result<(), Failed> {
+    let param = |m: &str| {
+        std::fs::read_to_string(format!(
+            "/sys/module/{m}/parameters/allow_unsafe_interrupts"
+        ))
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false)
+    };
+    let unsafe_ok = param("iommufd");
+    let virtio = support::vm_iommu().as_deref() == Some("virtio");
+    let bdf = bound_edu(0)?;
+    let iommufd = RawIommufd::open().or_fail("iommufd")?;
+    let dev = Device::open_pci(bdf).or_fail("open cdev")?;
+    let r = dev.bind_iommufd(iommufd.fd.as_fd());
+    if virtio && !unsafe_ok {
+        let e = r
+            .err()
+            .ok_or("bind succeeded without interrupt remapping")?;
+        check!(e.errno() == Some(libc::EPERM), "{e}");
+        check!(
+            e.to_string().contains("iommufd.allow_unsafe_interrupts=1"),
+            "{e}"
+        );
+        eprintln!("cdev: {e}");
+        drop(dev);
+        let g = PciSysfs::new()
+            .device(bdf)
+            .or_fail("dev")?
+            .iommu_group
+            .ok_or("group")?;
+        let c = Container::open().or_fail("container")?;
+        let grp = Group::open(g).or_fail("group")?;
+        if !param("vfio_iommu_type1") {
+            let e = c.add_group(&grp).err().ok_or("type1 attach succeeded")?;
+            check!(e.errno() == Some(libc::EPERM), "{e}");
+            check!(
+                e.to_string()
+                    .contains("vfio_iommu_type1.allow_unsafe_interrupts=1"),
+                "{e}"
+            );
+            eprintln!("legacy: {e}");
+        }
+    } else {
+        r.or_fail("bind with remapping or the override")?;
+    }
     Ok(())
 }
