@@ -126,6 +126,7 @@ impl Binder {
     /// Binds every member of `bdf`'s IOMMU group to vfio-pci (bridges and benign drivers
     /// stay). If any member fails, the members already moved go back to their drivers.
     pub fn bind(&self, bdf: Bdf) -> Result<BindPlan> {
+        let _lock = StateLock::take(&self.state)?;
         let plan = self.plan(bdf)?;
         let ops = SysfsOps(&self.sysfs);
         let mut state = StateFile::load(&self.state)?;
@@ -139,6 +140,7 @@ impl Binder {
     /// [`VfioError::InUse`], changing nothing, if a member's VFIO node is open (the
     /// kernel's unbind would block until it is closed).
     pub fn unbind(&self, bdf: Bdf) -> Result<Vec<Restored>> {
+        let _lock = StateLock::take(&self.state)?;
         let dev = self.sysfs.device(bdf)?;
         let members = match dev.iommu_group {
             Some(g) => self.sysfs.group_members(g)?,
@@ -358,6 +360,35 @@ fn restore(
         ops.probe(bdf)?;
     }
     Ok(())
+}
+
+/// An exclusive advisory lock (`flock`) on `<state>.lock`, held for a whole bind or
+/// unbind so that two processes do not interleave their sysfs writes and records.
+struct StateLock {
+    _file: fs::File,
+}
+
+impl StateLock {
+    fn take(state: &Path) -> Result<StateLock> {
+        let path = state.with_extension("lock");
+        let err = |e| VfioError::sysfs(&path, e);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; no memory is passed. The lock is released
+        // when the file is closed (dropped).
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(StateLock { _file: f })
+    }
 }
 
 /// The previous-driver records: one line per moved device,
