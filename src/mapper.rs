@@ -67,6 +67,15 @@ pub enum MapError {
         #[source]
         source: io::Error,
     },
+    /// A backend's own typed error, which names the object and explains what to do
+    /// (e.g. `iommufd::Error`); `errno` is the OS error behind it, if any.
+    #[error("{source}")]
+    Explained {
+        backend: Backend,
+        errno: Option<i32>,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl MapError {
@@ -74,6 +83,15 @@ impl MapError {
     pub fn errno(&self) -> Option<i32> {
         match self {
             MapError::Os { source, .. } => source.raw_os_error(),
+            MapError::Explained { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+
+    /// The backend's typed error behind an [`MapError::Explained`], if it is an `E`.
+    pub fn explained<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            MapError::Explained { source, .. } => source.downcast_ref::<E>(),
             _ => None,
         }
     }

@@ -22,6 +22,7 @@
 mod apply;
 mod driver;
 mod error;
+mod exec;
 mod executor;
 mod fake;
 mod memory;
@@ -30,6 +31,7 @@ mod pages;
 mod plan;
 mod planner;
 mod ranges;
+mod space;
 
 pub use driver::{execute, Stats};
 pub use error::{DmaError, ExecError, OpError, Outcome, PlanError, TouchedState};
@@ -40,3 +42,7 @@ pub use model::{Area, Backing, PageState, RegionId, RegionSpec, Strategy, PAGE_S
 pub use pages::PageBitmap;
 pub use plan::{AttributesOp, ConversionRequest, DiscardOp, MapOp, Op, Plan, UnmapKind, UnmapOp};
 pub use ranges::RangeSet;
+pub use space::{
+    CutSupport, DmaSpace, GuestRegion, MapPath, RegionReport, SharedMemory, SpaceError,
+    SpaceOptions,
+};

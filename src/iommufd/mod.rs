@@ -1,1 +1,44 @@
 //! iommufd objects: the `/dev/iommu` context, IO address spaces and hardware page tables.
+//!
+//! One type per kernel object, each a thin safe wrapper over its ioctls (issued through
+//! [`crate::sys`]):
+//!
+//! | type | kernel object | lifetime |
+//! |---|---|---|
+//! | [`Iommufd`] | the `/dev/iommu` file (context) | closes with the last `Arc` |
+//! | [`Ioas`] | `IOMMU_IOAS_ALLOC` IO address space | `IOMMU_DESTROY` on drop |
+//! | [`Hwpt`] | `IOMMU_HWPT_ALLOC` hardware page table | `IOMMU_DESTROY` on drop |
+//!
+//! Failures are [`Error`]s that name the object and say what to do. [`Ioas`] also
+//! implements [`crate::mapper::DmaMapper`].
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use vfio_gmem::iommufd::Iommufd;
+//! use vfio_gmem::mapper::{Access, Iova};
+//!
+//! let iommufd = Arc::new(Iommufd::open()?);
+//! let ioas = iommufd.alloc_ioas()?;
+//! ioas.set_huge_pages(false)?; // allow hitless splits later (cut_unmap)
+//! ioas.set_compat()?;
+//! let ram = vec![0u8; 8 * 4096];
+//! ioas.map_user(Iova::Fixed(0x1_0000_0000), ram.as_ptr() as u64, 8 * 4096, Access::READ_WRITE)?;
+//! ioas.cut_unmap(0x1_0000_2000, 2 * 4096)?; // pages 2 and 3 go, the rest stays mapped
+//! # Ok::<(), vfio_gmem::iommufd::Error>(())
+//! ```
+
+mod areas;
+mod compat;
+mod error;
+mod hwpt;
+mod ioas;
+#[allow(clippy::module_inception)]
+mod iommufd;
+
+pub use error::{Error, MemlockLimit, Span};
+pub use hwpt::{HwInfo, HwInfoType, Hwpt, HwptFlags, VtdInfo};
+pub use ioas::{Ioas, IovaRanges};
+pub use iommufd::{Iommufd, RlimitMode};
+
+/// Result of iommufd operations.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -4,9 +4,11 @@
 //! fixes the argument type for one request number, so callers stay in safe code.
 
 pub mod ioctl;
+pub mod iommufd_bufs;
 pub mod kvm_gmem;
 
 pub use iommufd_bindings::iommufd as iommufd_uapi;
 pub use vfio_bindings::bindings::vfio as vfio_uapi;
 
 pub use ioctl::*;
+pub use iommufd_bufs::*;

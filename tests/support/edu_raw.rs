@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::ptr::NonNull;
@@ -64,6 +64,7 @@ impl Mapping {
         // SAFETY: in bounds of the mapping (asserted), aligned register offset.
         unsafe { self.ptr.as_ptr().add(off).cast::<u64>().read_volatile() }
     }
+    #[allow(clippy::mut_from_ref)]
     pub fn bytes(&self) -> &mut [u8] {
         // SAFETY: the mapping is valid for len bytes for the lifetime of self; tests
         // access it from one thread at a time.
@@ -140,19 +141,26 @@ impl RawIommufd {
 pub struct RawEdu {
     pub dev: File,
     pub bar0: Mapping,
+    /// The iommufd device id from VFIO_DEVICE_BIND_IOMMUFD.
+    pub dev_id: u32,
 }
 
 impl RawEdu {
     pub fn open(cdev: &Path, iommufd: &RawIommufd) -> io::Result<Self> {
+        let edu = Self::open_bound(cdev, iommufd.fd.as_fd())?;
+        edu.attach(iommufd.ioas)?;
+        Ok(edu)
+    }
+
+    /// Opens the cdev and binds it to `iommufd` (any iommufd fd, e.g. the library's);
+    /// not attached yet: see [`RawEdu::attach`].
+    pub fn open_bound(cdev: &Path, iommufd: BorrowedFd<'_>) -> io::Result<Self> {
         let dev = OpenOptions::new().read(true).write(true).open(cdev)?;
         let mut b: vu::vfio_device_bind_iommufd = sys::zeroed();
         b.argsz = std::mem::size_of_val(&b) as u32;
-        b.iommufd = iommufd.fd.as_raw_fd();
+        b.iommufd = iommufd.as_raw_fd();
         sys::ioctl_mut(dev.as_fd(), sys::VFIO_DEVICE_BIND_IOMMUFD, &mut b)?;
-        let mut at: vu::vfio_device_attach_iommufd_pt = sys::zeroed();
-        at.argsz = std::mem::size_of_val(&at) as u32;
-        at.pt_id = iommufd.ioas;
-        sys::ioctl_mut(dev.as_fd(), sys::VFIO_DEVICE_ATTACH_IOMMUFD_PT, &mut at)?;
+        let dev_id = b.out_devid;
 
         let bar0 = region(&dev, vu::VFIO_PCI_BAR0_REGION_INDEX)?;
         let bar0 = Mapping::new(&dev, bar0.offset, bar0.size as usize)?;
@@ -162,7 +170,7 @@ impl RawEdu {
         dev.read_exact_at(&mut cmd, cfg.offset + 4)?;
         let v = u16::from_le_bytes(cmd) | 0x6;
         dev.write_all_at(&v.to_le_bytes(), cfg.offset + 4)?;
-        let edu = RawEdu { dev, bar0 };
+        let edu = RawEdu { dev, bar0, dev_id };
         let id = edu.bar0.read_u32(REG_ID);
         if id & 0xff != 0xed {
             return Err(io::Error::other(format!(
@@ -170,6 +178,26 @@ impl RawEdu {
             )));
         }
         Ok(edu)
+    }
+
+    /// Attaches the bound device to an IOAS or HWPT id.
+    pub fn attach(&self, pt_id: u32) -> io::Result<()> {
+        let mut at: vu::vfio_device_attach_iommufd_pt = sys::zeroed();
+        at.argsz = std::mem::size_of_val(&at) as u32;
+        at.pt_id = pt_id;
+        sys::ioctl_mut(
+            self.dev.as_fd(),
+            sys::VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+            &mut at,
+        )
+        .map(drop)
+    }
+
+    /// Detaches the device from its IOAS/HWPT.
+    pub fn detach(&self) -> io::Result<()> {
+        let mut d: vu::vfio_device_detach_iommufd_pt = sys::zeroed();
+        d.argsz = std::mem::size_of_val(&d) as u32;
+        sys::ioctl_mut(self.dev.as_fd(), sys::VFIO_DEVICE_DETACH_IOMMUFD_PT, &mut d).map(drop)
     }
 
     fn dma(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> io::Result<()> {

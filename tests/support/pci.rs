@@ -56,9 +56,8 @@ pub fn bind_vfio_pci(bdf: &str) -> std::io::Result<()> {
 /// The VFIO cdev node of a vfio-pci bound device (`/dev/vfio/devices/vfioN`).
 pub fn vfio_cdev(bdf: &str) -> std::io::Result<PathBuf> {
     let dir = Path::new("/sys/bus/pci/devices").join(bdf).join("vfio-dev");
-    for e in fs::read_dir(&dir)? {
-        let name = e?.file_name();
-        return Ok(Path::new("/dev/vfio/devices").join(name));
+    if let Some(e) = fs::read_dir(&dir)?.next() {
+        return Ok(Path::new("/dev/vfio/devices").join(e?.file_name()));
     }
     Err(std::io::Error::other(format!("{} is empty", dir.display())))
 }

@@ -1,0 +1,304 @@
+//! Errors of the gmem module. Each names the object involved and says what to do.
+
+use std::io;
+
+use super::flags::{GmemFlags, MemoryAttributes, VmType, VmTypes};
+use crate::dma::OpError;
+
+/// A guest_memfd, KVM or shared-backing operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GmemError {
+    /// `/dev/kvm` could not be opened.
+    #[error("cannot open /dev/kvm: {source}; load kvm_intel or kvm_amd and check that this user may open it (group kvm)")]
+    OpenKvm {
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// `KVM_CREATE_VM` failed.
+    #[error("KVM_CREATE_VM of type {vm_type} failed: {source}; {}", vm_type_hint(*.vm_type, *.supported))]
+    CreateVm {
+        /// Requested type.
+        vm_type: VmType,
+        /// What `KVM_CAP_VM_TYPES` reports.
+        supported: VmTypes,
+        /// The OS error.
+        source: io::Error,
+    },
+
+    /// The VM does not support guest_memfd at all.
+    #[error("{} has no guest_memfd (KVM_CAP_GUEST_MEMFD is 0); use a kernel with CONFIG_KVM_GUEST_MEMFD (Linux 6.8+; 6.18+ for default VMs)", vm_name(*.vm_type))]
+    NoGuestMemfd {
+        /// The VM's type, if known.
+        vm_type: Option<VmType>,
+    },
+
+    /// The VM does not accept some of the requested guest_memfd flags.
+    #[error("{}", flags_refused(*.requested, *.accepted, *.vm_type))]
+    FlagsRefused {
+        /// Flags asked for.
+        requested: GmemFlags,
+        /// Flags the VM accepts (`KVM_CAP_GUEST_MEMFD_FLAGS`).
+        accepted: GmemFlags,
+        /// The VM's type, if known.
+        vm_type: Option<VmType>,
+    },
+
+    /// A size, offset or length the kernel would refuse.
+    #[error("{what}: {detail}")]
+    InvalidArgument {
+        /// The object and operation (e.g. "punch_hole on guest_memfd fd 7").
+        what: String,
+        /// What is wrong and how to fix it.
+        detail: String,
+    },
+
+    /// The fd handed to [`GuestMemfd::adopt`](super::GuestMemfd::adopt) is something else.
+    #[error(
+        "fd {fd} is not a guest_memfd: it is {actual}; pass the fd KVM_CREATE_GUEST_MEMFD returned"
+    )]
+    NotGuestMemfd {
+        /// The fd number.
+        fd: i32,
+        /// What it really is (from `/proc/self/fd`).
+        actual: String,
+    },
+
+    /// The guest_memfd was created without `MMAP`.
+    #[error("guest_memfd fd {fd} cannot be mapped into the host: it was created without MMAP{}; create it with GmemFlags::MMAP (Linux 6.18+)", match .flags { Some(f) => format!(" (flags {f})"), None => String::new() })]
+    MmapNotEnabled {
+        /// The fd number.
+        fd: i32,
+        /// Its creation flags, if known.
+        flags: Option<GmemFlags>,
+    },
+
+    /// The 2 MiB huge page pool cannot back a hugetlb memfd.
+    #[error("no free 2 MiB huge pages for {what} ({pages} needed): {source}; reserve them with `echo N > /proc/sys/vm/nr_hugepages` (N = the pages others use + {pages}; now {nr_hugepages})")]
+    NoHugePages {
+        /// The object and operation.
+        what: String,
+        /// Huge pages the operation needs.
+        pages: u64,
+        /// Current content of `/proc/sys/vm/nr_hugepages`.
+        nr_hugepages: String,
+        /// The OS error (ENOMEM from mmap, ENOSPC from fallocate).
+        source: io::Error,
+    },
+
+    /// `KVM_SET_MEMORY_ATTRIBUTES` asked for an attribute the VM does not support.
+    #[error("cannot set GPA [{gpa:#x}, {:#x}) {}: {} supports memory attributes {supported} (KVM_CAP_MEMORY_ATTRIBUTES); private memory needs a VM type with it, e.g. VmType::SwProtected (CONFIG_KVM_SW_PROTECTED_VM) or a confidential type", gpa + len, if *.private { "private" } else { "shared" }, vm_name(*.vm_type))]
+    AttributesUnsupported {
+        /// First GPA.
+        gpa: u64,
+        /// Length.
+        len: u64,
+        /// Target state.
+        private: bool,
+        /// The VM's type, if known.
+        vm_type: Option<VmType>,
+        /// What the VM supports.
+        supported: MemoryAttributes,
+    },
+
+    /// A discard was asked for a backing this module cannot resolve.
+    #[error("cannot discard {what}: {detail}")]
+    UnsupportedBacking {
+        /// The region and range.
+        what: String,
+        /// Why, and what to register instead.
+        detail: String,
+    },
+
+    /// Any other system call failure.
+    #[error("{op} on {what} failed: {source}{hint}")]
+    Os {
+        /// The call (e.g. "KVM_CREATE_GUEST_MEMFD", "mmap").
+        op: &'static str,
+        /// The object and arguments.
+        what: String,
+        /// The OS error.
+        source: io::Error,
+        /// "; what to do" or empty.
+        hint: String,
+    },
+}
+
+impl GmemError {
+    /// The `errno` that best describes the failure (the kernel's when there was a call).
+    pub fn errno(&self) -> i32 {
+        match self {
+            GmemError::OpenKvm { source }
+            | GmemError::CreateVm { source, .. }
+            | GmemError::NoHugePages { source, .. }
+            | GmemError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            GmemError::NoGuestMemfd { .. } => libc::ENOTTY,
+            GmemError::MmapNotEnabled { .. } => libc::ENODEV,
+            GmemError::NotGuestMemfd { .. } => libc::EBADF,
+            GmemError::FlagsRefused { .. }
+            | GmemError::InvalidArgument { .. }
+            | GmemError::AttributesUnsupported { .. }
+            | GmemError::UnsupportedBacking { .. } => libc::EINVAL,
+        }
+    }
+
+    pub(crate) fn os(op: &'static str, what: impl Into<String>, source: io::Error) -> Self {
+        GmemError::Os {
+            op,
+            what: what.into(),
+            source,
+            hint: String::new(),
+        }
+    }
+
+    pub(crate) fn os_hint(
+        op: &'static str,
+        what: impl Into<String>,
+        source: io::Error,
+        hint: impl AsRef<str>,
+    ) -> Self {
+        GmemError::Os {
+            op,
+            what: what.into(),
+            source,
+            hint: format!("; {}", hint.as_ref()),
+        }
+    }
+
+    pub(crate) fn invalid(what: impl Into<String>, detail: impl Into<String>) -> Self {
+        GmemError::InvalidArgument {
+            what: what.into(),
+            detail: detail.into(),
+        }
+    }
+}
+
+impl From<GmemError> for OpError {
+    fn from(e: GmemError) -> Self {
+        OpError::from_errno(e.errno())
+    }
+}
+
+/// `kvm_ioctls` errors carry only an errno.
+pub(crate) fn kvm_err(e: kvm_ioctls::Error) -> io::Error {
+    io::Error::from_raw_os_error(e.errno())
+}
+
+fn vm_name(t: Option<VmType>) -> String {
+    match t {
+        Some(t) => format!("this {t} VM"),
+        None => "this VM".to_string(),
+    }
+}
+
+fn vm_type_hint(t: VmType, supported: VmTypes) -> String {
+    if supported.contains(t) {
+        format!("this KVM lists it as supported ({supported}); check dmesg for why KVM refused")
+    } else if t == VmType::SwProtected {
+        format!("this KVM supports {supported}; SW_PROTECTED needs a kernel with CONFIG_KVM_SW_PROTECTED_VM (and TDP/NPT enabled in kvm_intel/kvm_amd)")
+    } else {
+        format!("this KVM supports {supported}; pick one of those")
+    }
+}
+
+fn flags_refused(requested: GmemFlags, accepted: GmemFlags, t: Option<VmType>) -> String {
+    let refused = requested.difference(accepted);
+    let on = match t {
+        Some(t) => format!("a {t} VM"),
+        None => "this VM".to_string(),
+    };
+    let keep = requested.intersection(accepted);
+    let fix = if keep.is_empty() {
+        "create without flags".to_string()
+    } else if keep == GmemFlags::MMAP {
+        "create with MMAP only".to_string()
+    } else {
+        format!("create with {keep}")
+    };
+    format!(
+        "guest_memfd flag {refused} is refused on {on} (EINVAL): it accepts {accepted} \
+         (KVM_CAP_GUEST_MEMFD_FLAGS); {fix}"
+    )
+}
+
+/// Describes an error for a log line: the explained message; errno for the executor.
+pub(crate) fn log_and_errno(context: &str, e: GmemError) -> OpError {
+    log::warn!("{context}: {e}");
+    e.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_refused_on_sw_protected_explains_the_fix() {
+        let e = GmemError::FlagsRefused {
+            requested: GmemFlags::MMAP | GmemFlags::INIT_SHARED,
+            accepted: GmemFlags::MMAP,
+            vm_type: Some(VmType::SwProtected),
+        };
+        assert_eq!(
+            e.to_string(),
+            "guest_memfd flag INIT_SHARED is refused on a SW_PROTECTED VM (EINVAL): it accepts \
+             MMAP (KVM_CAP_GUEST_MEMFD_FLAGS); create with MMAP only"
+        );
+        assert_eq!(OpError::from(e).errno, libc::EINVAL);
+        let e = GmemError::FlagsRefused {
+            requested: GmemFlags::MMAP,
+            accepted: GmemFlags::empty(),
+            vm_type: None,
+        };
+        let m = e.to_string();
+        assert!(m.contains("MMAP is refused on this VM") && m.contains("accepts none"));
+        assert!(m.ends_with("create without flags"), "{m}");
+    }
+
+    #[test]
+    fn messages_name_the_object_and_the_fix() {
+        let e = GmemError::CreateVm {
+            vm_type: VmType::SwProtected,
+            supported: VmTypes::from_bits_retain(1),
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("type SW_PROTECTED") && m.contains("supports DEFAULT"),
+            "{m}"
+        );
+        assert!(m.contains("CONFIG_KVM_SW_PROTECTED_VM"), "{m}");
+
+        let e = GmemError::AttributesUnsupported {
+            gpa: 0x1000,
+            len: 0x2000,
+            private: true,
+            vm_type: Some(VmType::Default),
+            supported: MemoryAttributes::empty(),
+        };
+        let m = e.to_string();
+        assert!(m.starts_with("cannot set GPA [0x1000, 0x3000) private: this DEFAULT VM supports memory attributes none"), "{m}");
+        assert!(m.contains("VmType::SwProtected"), "{m}");
+
+        let e = GmemError::NoHugePages {
+            what: "mmap of memfd 'ram'".into(),
+            pages: 2,
+            nr_hugepages: "0".into(),
+            source: io::Error::from_raw_os_error(libc::ENOMEM),
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("echo N > /proc/sys/vm/nr_hugepages") && m.contains("now 0"),
+            "{m}"
+        );
+        assert_eq!(e.errno(), libc::ENOMEM);
+
+        let e = GmemError::MmapNotEnabled {
+            fd: 5,
+            flags: Some(GmemFlags::INIT_SHARED),
+        };
+        assert!(e
+            .to_string()
+            .contains("(flags INIT_SHARED); create it with GmemFlags::MMAP"));
+        assert_eq!(e.errno(), libc::ENODEV);
+    }
+}

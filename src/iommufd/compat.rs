@@ -1,0 +1,154 @@
+//! The VFIO-compat pieces of iommufd that a native user still wants: choosing the
+//! context's compat IOAS (`IOMMU_VFIO_IOAS`) and the compat unmap, which is the only
+//! mainline way to split an area without a transient unmap.
+//!
+//! `VFIO_IOMMU_UNMAP_DMA` issued on the iommufd fd itself acts on the compat IOAS. When
+//! that IOAS has huge pages disabled, drivers/iommu/iommufd/vfio_compat.c first cuts the
+//! areas at both ends of the range (`iopt_cut_iova`) and then unmaps what lies inside, so
+//! the pages outside the range stay mapped throughout.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use super::error::{Error, Span};
+use super::ioas::Ioas;
+use super::iommufd::Iommufd;
+use super::Result;
+use crate::sys::{self, iommufd_uapi as iu, vfio_uapi as vu};
+
+fn vfio_ioas(fd: &Iommufd, op: u32, ioas_id: u32) -> io::Result<u32> {
+    let mut v: iu::iommu_vfio_ioas = sys::zeroed();
+    v.size = size_of_val(&v) as u32;
+    v.op = op as u16;
+    v.ioas_id = ioas_id;
+    sys::ioctl_mut(fd.as_fd(), sys::IOMMU_VFIO_IOAS, &mut v)?;
+    Ok(v.ioas_id)
+}
+
+impl Iommufd {
+    /// The id of this context's VFIO-compat IOAS, if one is set.
+    ///
+    /// ```no_run
+    /// let compat: Option<u32> = vfio_gmem::iommufd::Iommufd::open()?.compat_ioas_id()?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn compat_ioas_id(&self) -> Result<Option<u32>> {
+        match vfio_ioas(self, iu::iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_GET, 0) {
+            Ok(id) => Ok(Some(id)),
+            // ENODEV: no compat IOAS (never set, cleared, or destroyed).
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(self.err("IOMMU_VFIO_IOAS get", e)),
+        }
+    }
+
+    /// Unsets the compat IOAS (the IOAS itself is not destroyed).
+    ///
+    /// ```no_run
+    /// vfio_gmem::iommufd::Iommufd::open()?.clear_compat_ioas()?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn clear_compat_ioas(&self) -> Result<()> {
+        vfio_ioas(self, iu::iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_CLEAR, 0)
+            .map(drop)
+            .map_err(|e| self.err("IOMMU_VFIO_IOAS clear", e))
+    }
+}
+
+impl Ioas {
+    /// Makes this IOAS its iommufd's VFIO-compat IOAS (one per iommufd), the one
+    /// [`Ioas::cut_unmap`] acts on.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// ioas.set_huge_pages(false)?; // before mapping, so areas can be cut later
+    /// ioas.set_compat()?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn set_compat(&self) -> Result<()> {
+        vfio_ioas(
+            self.iommufd(),
+            iu::iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_SET,
+            self.id(),
+        )
+        .map(drop)
+        .map_err(|e| self.err("IOMMU_VFIO_IOAS set", None, e))
+    }
+
+    /// True if this IOAS is its iommufd's compat IOAS.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// assert!(ioas.is_compat()?);
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn is_compat(&self) -> Result<bool> {
+        Ok(self.iommufd().compat_ioas_id()? == Some(self.id()))
+    }
+
+    /// Unmaps exactly `[iova, iova+len)`, splitting the areas it cuts, with no moment at
+    /// which the pages outside the range are unmapped. Returns the bytes unmapped.
+    ///
+    /// Needs this IOAS to be the compat IOAS ([`Ioas::set_compat`]) with huge pages
+    /// disabled ([`Ioas::set_huge_pages`]`(false)` before mapping); both are checked
+    /// first. Cuts must fall on page boundaries. Afterwards the pieces are separate
+    /// areas: [`Ioas::unmap`] takes them one by one.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// // Area [0x1_0000_0000, +8 pages) mapped earlier; drop pages 2 and 3 only.
+    /// assert_eq!(ioas.cut_unmap(0x1_0000_2000, 0x2000)?, 0x2000);
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn cut_unmap(&self, iova: u64, len: u64) -> Result<u64> {
+        let mut areas = self.lock();
+        let span = Span::new(iova, len);
+        let current = self.iommufd().compat_ioas_id()?;
+        if current != Some(self.id()) {
+            return Err(Error::NotCompatIoas {
+                ioas: self.id(),
+                fd: self.iommufd().raw(),
+                current,
+            });
+        }
+        if self.huge_pages()? {
+            return Err(Error::CutNeedsSmallPages {
+                ioas: self.id(),
+                span,
+            });
+        }
+        let Some(last) = iova.checked_add(len.wrapping_sub(1)).filter(|_| len > 0) else {
+            return Err(self.err(
+                "VFIO_IOMMU_UNMAP_DMA (compat cut)",
+                Some(span),
+                io::Error::from_raw_os_error(if len == 0 {
+                    libc::EINVAL
+                } else {
+                    libc::EOVERFLOW
+                }),
+            ));
+        };
+        let mut u: vu::vfio_iommu_type1_dma_unmap = sys::zeroed();
+        u.argsz = size_of_val(&u) as u32;
+        u.flags = 0;
+        u.iova = iova;
+        u.size = len;
+        // On failure the kernel may already have cut at one end; that changes no
+        // translation, and the record keeping the uncut area only makes later native
+        // unmaps stricter than necessary, never partial.
+        sys::ioctl_mut(self.iommufd().as_fd(), sys::VFIO_IOMMU_UNMAP_DMA, &mut u)
+            .map_err(|e| self.err("VFIO_IOMMU_UNMAP_DMA (compat cut)", Some(span), e))?;
+        if u.size == 0 {
+            return Err(Error::NotMapped {
+                ioas: self.id(),
+                span,
+                source: None,
+            });
+        }
+        areas.cut_before(iova);
+        if let Some(end) = last.checked_add(1) {
+            areas.cut_before(end);
+        }
+        areas.remove_within(iova, last);
+        Ok(u.size)
+    }
+}

@@ -1,0 +1,527 @@
+//! IO address spaces: `IOMMU_IOAS_*` and the per-IOAS huge-pages option.
+
+use std::io;
+use std::ops::RangeInclusive;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use super::areas::Areas;
+use super::error::{fd_kind, Error, Span};
+use super::iommufd::Iommufd;
+use super::Result;
+use crate::mapper::{Access, Backend, DmaMapper, Iova, MapError};
+use crate::sys::{self, iommufd_uapi as iu};
+
+/// The usable IOVA ranges of an IOAS and the alignment every map must honour.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IovaRanges {
+    /// Inclusive ranges, ascending. Attaching devices narrows them.
+    pub ranges: Vec<RangeInclusive<u64>>,
+    /// Start and length of every map/copy must be a multiple of this (≤ PAGE_SIZE).
+    pub alignment: u64,
+}
+
+/// An IO address space (`IOMMU_IOAS_ALLOC`), destroyed on drop.
+///
+/// Devices attach to it (VFIO cdev `ATTACH_IOMMUFD_PT` with [`Ioas::id`]) and see
+/// exactly what is mapped in it.
+///
+/// Invariant: `areas` equals the kernel's areas in this IOAS that were created through
+/// this handle, whenever its lock is free; every map/unmap holds the lock across the
+/// ioctl. Unmaps are checked against it first, so a range that would cut one of them
+/// fails before the kernel changes anything.
+///
+/// ```no_run
+/// use std::sync::Arc;
+/// use vfio_gmem::iommufd::{Ioas, Iommufd};
+/// use vfio_gmem::mapper::{Access, Iova};
+/// let ioas = Ioas::new(&Arc::new(Iommufd::open()?))?;
+/// let buf = vec![0u8; 4096];
+/// let iova = ioas.map_user(Iova::Any, buf.as_ptr() as u64, 4096, Access::READ_WRITE)?;
+/// assert_eq!(ioas.unmap(iova, 4096)?, 4096);
+/// # Ok::<(), vfio_gmem::iommufd::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Ioas {
+    iommufd: Arc<Iommufd>,
+    id: u32,
+    pub(super) areas: Mutex<Areas>,
+}
+
+fn map_flags(iova: Iova, access: Access) -> u32 {
+    let mut f = 0;
+    if let Iova::Fixed(_) = iova {
+        f |= iu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA;
+    }
+    if access.read {
+        f |= iu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
+    }
+    if access.write {
+        f |= iu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_WRITEABLE;
+    }
+    f
+}
+
+fn fixed(iova: Iova) -> u64 {
+    match iova {
+        Iova::Fixed(v) => v,
+        Iova::Any => 0,
+    }
+}
+
+/// Inclusive last IOVA of `[iova, iova+len)`, or the error for an empty/overflowing span.
+fn last_of(ioas: u32, op: &'static str, iova: u64, len: u64) -> Result<u64> {
+    if len == 0 {
+        return Err(Error::Ioctl {
+            op,
+            object: format!("IOAS {ioas} {}", Span::new(iova, len)),
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        });
+    }
+    iova.checked_add(len - 1).ok_or_else(|| Error::Ioctl {
+        op,
+        object: format!("IOAS {ioas} [{iova:#x}, +{len:#x})"),
+        source: io::Error::from_raw_os_error(libc::EOVERFLOW),
+    })
+}
+
+impl Ioas {
+    /// Allocates an empty IOAS in `iommufd`.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use vfio_gmem::iommufd::{Ioas, Iommufd};
+    /// let ioas = Ioas::new(&Arc::new(Iommufd::open()?))?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn new(iommufd: &Arc<Iommufd>) -> Result<Ioas> {
+        let mut a: iu::iommu_ioas_alloc = sys::zeroed();
+        a.size = size_of_val(&a) as u32;
+        sys::ioctl_mut(iommufd.as_fd(), sys::IOMMU_IOAS_ALLOC, &mut a)
+            .map_err(|e| iommufd.err("IOMMU_IOAS_ALLOC", e))?;
+        Ok(Ioas {
+            iommufd: Arc::clone(iommufd),
+            id: a.out_ioas_id,
+            areas: Mutex::new(Areas::default()),
+        })
+    }
+
+    /// The object id (the `pt_id` devices attach to).
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// let pt_id: u32 = ioas.id();
+    /// ```
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The iommufd this IOAS lives in.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// use std::os::fd::AsFd;
+    /// let fd = ioas.iommufd().as_fd(); // what VFIO_DEVICE_BIND_IOMMUFD takes
+    /// ```
+    pub fn iommufd(&self) -> &Arc<Iommufd> {
+        &self.iommufd
+    }
+
+    /// The areas mapped through this handle, in IOVA order (after a
+    /// [`Ioas::cut_unmap`], the pieces it left).
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// for a in ioas.areas() { println!("{a}"); }
+    /// ```
+    pub fn areas(&self) -> Vec<Span> {
+        self.lock().spans()
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Areas> {
+        // A panic while holding the lock cannot leave `Areas` half-updated (each update
+        // is one BTreeMap operation after the ioctl), so a poisoned lock is still valid.
+        self.areas.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(super) fn err(&self, op: &'static str, span: Option<Span>, source: io::Error) -> Error {
+        Error::Ioctl {
+            op,
+            object: match span {
+                Some(s) => format!("IOAS {} {s}", self.id),
+                None => format!("IOAS {}", self.id),
+            },
+            source,
+        }
+    }
+
+    /// Maps `len` bytes of this process's memory at `va` (`IOMMU_IOAS_MAP`); returns the
+    /// IOVA used (the chosen one for [`Iova::Any`]). The pages are pinned while mapped
+    /// and a device attached to this IOAS may read/write them as `access` allows: the
+    /// caller keeps that memory mapped and treats it as shared with the device.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// use vfio_gmem::mapper::{Access, Iova};
+    /// let ram = vec![0u8; 2 << 20];
+    /// ioas.map_user(Iova::Fixed(0x1_0000_0000), ram.as_ptr() as u64, 2 << 20, Access::READ_WRITE)?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64> {
+        let mut areas = self.lock();
+        let mut m: iu::iommu_ioas_map = sys::zeroed();
+        m.size = size_of_val(&m) as u32;
+        m.flags = map_flags(iova, access);
+        m.ioas_id = self.id;
+        m.user_va = va;
+        m.length = len;
+        m.iova = fixed(iova);
+        let span = Span::new(m.iova, len);
+        sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_MAP, &mut m).map_err(|e| {
+            let existing = areas.overlapping(span.iova, span.end().saturating_sub(1));
+            Error::map("IOMMU_IOAS_MAP", self.id, span, existing, None, e)
+        })?;
+        areas.insert(m.iova, m.iova + (len - 1));
+        Ok(m.iova)
+    }
+
+    /// Maps `len` bytes of `fd` from `offset` (`IOMMU_IOAS_MAP_FILE`, Linux ≥ 6.13);
+    /// returns the IOVA used. Accepts memfd (shmem, hugetlbfs) and VFIO dma-bufs; other
+    /// files (guest_memfd on 7.3) fail with [`Error::FileNotPinnable`] once a device is
+    /// attached (without one the kernel pins lazily and the later attach fails instead).
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// # let memfd: std::fs::File = unimplemented!();
+    /// use std::os::fd::AsFd;
+    /// use vfio_gmem::mapper::{Access, Iova};
+    /// let iova = ioas.map_file(Iova::Any, memfd.as_fd(), 0, 1 << 20, Access::READ_WRITE)?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn map_file(
+        &self,
+        iova: Iova,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<u64> {
+        let mut areas = self.lock();
+        let mut m: iu::iommu_ioas_map_file = sys::zeroed();
+        m.size = size_of_val(&m) as u32;
+        m.flags = map_flags(iova, access);
+        m.ioas_id = self.id;
+        m.fd = fd.as_raw_fd();
+        m.start = offset;
+        m.length = len;
+        m.iova = fixed(iova);
+        let span = Span::new(m.iova, len);
+        sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_MAP_FILE, &mut m).map_err(|e| {
+            let existing = areas.overlapping(span.iova, span.end().saturating_sub(1));
+            let file = Some((m.fd, fd_kind(m.fd)));
+            Error::map("IOMMU_IOAS_MAP_FILE", self.id, span, existing, file, e)
+        })?;
+        areas.insert(m.iova, m.iova + (len - 1));
+        Ok(m.iova)
+    }
+
+    /// Unmaps every area inside `[iova, iova+len)` (`IOMMU_IOAS_UNMAP`); returns the
+    /// bytes unmapped. The range must not cut an area ([`Error::PartialUnmap`], checked
+    /// before anything changes); an empty range is [`Error::NotMapped`].
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// let bytes = ioas.unmap(0x1_0000_0000, 2 << 20)?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<u64> {
+        if iova == 0 && len == u64::MAX {
+            return self.unmap_all();
+        }
+        let mut areas = self.lock();
+        let last = last_of(self.id, "IOMMU_IOAS_UNMAP", iova, len)?;
+        let span = Span::new(iova, len);
+        let tracked = areas
+            .check_whole(iova, last)
+            .map_err(|area| Error::PartialUnmap {
+                ioas: self.id,
+                span,
+                area: Some(area),
+                source: None,
+            })?;
+        let mut u: iu::iommu_ioas_unmap = sys::zeroed();
+        u.size = size_of_val(&u) as u32;
+        u.ioas_id = self.id;
+        u.iova = iova;
+        u.length = len;
+        match sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_UNMAP, &mut u) {
+            Ok(_) => {}
+            // Areas this handle does not know about (e.g. mapped through the VFIO-compat
+            // ioctls) are the only way to get here with ENOENT.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                return Err(if tracked == 0 {
+                    Error::NotMapped {
+                        ioas: self.id,
+                        span,
+                        source: Some(e),
+                    }
+                } else {
+                    Error::PartialUnmap {
+                        ioas: self.id,
+                        span,
+                        area: None,
+                        source: Some(e),
+                    }
+                });
+            }
+            Err(e) => return Err(self.err("IOMMU_IOAS_UNMAP", Some(span), e)),
+        }
+        areas.remove_within(iova, last);
+        Ok(u.length)
+    }
+
+    /// Unmaps everything in this IOAS; returns the bytes unmapped.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// let bytes = ioas.unmap_all()?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn unmap_all(&self) -> Result<u64> {
+        let mut areas = self.lock();
+        let mut u: iu::iommu_ioas_unmap = sys::zeroed();
+        u.size = size_of_val(&u) as u32;
+        u.ioas_id = self.id;
+        u.iova = 0;
+        u.length = u64::MAX;
+        sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_UNMAP, &mut u)
+            .map_err(|e| self.err("IOMMU_IOAS_UNMAP (all)", None, e))?;
+        areas.clear();
+        Ok(u.length)
+    }
+
+    /// Maps into this IOAS the pages that `[src_iova, src_iova+len)` of `src` maps
+    /// (`IOMMU_IOAS_COPY`): no second pin, no second memlock charge. Returns the IOVA
+    /// used. Both IOASes must live in the same iommufd.
+    ///
+    /// ```no_run
+    /// # let (a, b): (vfio_gmem::iommufd::Ioas, vfio_gmem::iommufd::Ioas) = unimplemented!();
+    /// use vfio_gmem::mapper::{Access, Iova};
+    /// let iova = b.copy_from(&a, 0x1_0000_0000, 1 << 20, Iova::Any, Access::READ_WRITE)?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn copy_from(
+        &self,
+        src: &Ioas,
+        src_iova: u64,
+        len: u64,
+        dst: Iova,
+        access: Access,
+    ) -> Result<u64> {
+        if !Arc::ptr_eq(&self.iommufd, &src.iommufd) {
+            return Err(self.err(
+                "IOMMU_IOAS_COPY from an IOAS of another iommufd",
+                None,
+                io::Error::from_raw_os_error(libc::EINVAL),
+            ));
+        }
+        let src_last = last_of(src.id, "IOMMU_IOAS_COPY", src_iova, len)?;
+        // Lock order: ascending IOAS id, so concurrent copies A→B and B→A cannot
+        // deadlock; copying within one IOAS takes its lock once.
+        let (mut areas, src_areas) = if std::ptr::eq(self, src) {
+            (self.lock(), None)
+        } else if src.id < self.id {
+            let s = src.lock();
+            (self.lock(), Some(s))
+        } else {
+            let d = self.lock();
+            (d, Some(src.lock()))
+        };
+        let pieces = match &src_areas {
+            Some(s) => s.pieces(src_iova, src_last),
+            None => areas.pieces(src_iova, src_last),
+        };
+        let mut c: iu::iommu_ioas_copy = sys::zeroed();
+        c.size = size_of_val(&c) as u32;
+        c.flags = map_flags(dst, access);
+        c.dst_ioas_id = self.id;
+        c.src_ioas_id = src.id;
+        c.length = len;
+        c.dst_iova = fixed(dst);
+        c.src_iova = src_iova;
+        let span = Span::new(c.dst_iova, len);
+        sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_COPY, &mut c).map_err(|e| {
+            let existing = areas.overlapping(span.iova, span.end().saturating_sub(1));
+            Error::map("IOMMU_IOAS_COPY", self.id, span, existing, None, e)
+        })?;
+        // The destination gets one area per source area piece, at the same offsets.
+        for (f, l) in pieces {
+            areas.insert(c.dst_iova + (f - src_iova), c.dst_iova + (l - src_iova));
+        }
+        Ok(c.dst_iova)
+    }
+
+    /// The IOVA ranges devices attached now can use (`IOMMU_IOAS_IOVA_RANGES`). Query
+    /// again after every attach/detach.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// let r = ioas.iova_ranges()?;
+    /// println!("{:x?} aligned to {:#x}", r.ranges, r.alignment);
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn iova_ranges(&self) -> Result<IovaRanges> {
+        let mut buf: Vec<iu::iommu_iova_range> = Vec::new();
+        // Ask with the buffer we have; EMSGSIZE reports how many exist. The set can grow
+        // between calls (a device detached), so retry until it fits.
+        loop {
+            let mut r: iu::iommu_ioas_iova_ranges = sys::zeroed();
+            r.size = size_of_val(&r) as u32;
+            r.ioas_id = self.id;
+            match sys::ioas_iova_ranges(self.iommufd.as_fd(), &mut r, &mut buf) {
+                Ok(()) => {
+                    buf.truncate(r.num_iovas as usize);
+                    return Ok(IovaRanges {
+                        ranges: buf.iter().map(|x| x.start..=x.last).collect(),
+                        alignment: r.out_iova_alignment,
+                    });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    let n = r.num_iovas as usize;
+                    buf.resize(n, iu::iommu_iova_range { start: 0, last: 0 });
+                }
+                Err(e) => return Err(self.err("IOMMU_IOAS_IOVA_RANGES", None, e)),
+            }
+        }
+    }
+
+    /// Reserves `ranges` for mapping (`IOMMU_IOAS_ALLOW_IOVAS`): attaching a device that
+    /// cannot reach all of them fails, and kernel-chosen IOVAs come from them. Replaces
+    /// any previous list; an empty list removes the restriction.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// ioas.allow_iovas(&[0x1_0000_0000..=0x1_ffff_ffff])?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn allow_iovas(&self, ranges: &[RangeInclusive<u64>]) -> Result<()> {
+        let raw: Vec<iu::iommu_iova_range> = ranges
+            .iter()
+            .map(|r| iu::iommu_iova_range {
+                start: *r.start(),
+                last: *r.end(),
+            })
+            .collect();
+        let mut a: iu::iommu_ioas_allow_iovas = sys::zeroed();
+        a.size = size_of_val(&a) as u32;
+        a.ioas_id = self.id;
+        sys::ioas_allow_iovas(self.iommufd.as_fd(), &mut a, &raw)
+            .map_err(|e| self.err("IOMMU_IOAS_ALLOW_IOVAS", None, e))
+    }
+
+    /// Whether the IOMMU may use large pages for contiguous memory in this IOAS
+    /// (`IOMMU_OPTION_HUGE_PAGES`; on by default).
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// let on: bool = ioas.huge_pages()?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn huge_pages(&self) -> Result<bool> {
+        self.iommufd
+            .option(
+                iu::iommufd_option_IOMMU_OPTION_HUGE_PAGES,
+                false,
+                self.id,
+                0,
+            )
+            .map(|v| v != 0)
+            .map_err(|e| self.err("IOMMU_OPTION get HUGE_PAGES", None, e))
+    }
+
+    /// Enables or disables large IOMMU pages. Disabling (PAGE_SIZE IOPTEs only) is what
+    /// lets [`Ioas::cut_unmap`] split areas; it must happen before anything is mapped
+    /// while a device is attached ([`Error::HugePagesLocked`]).
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// ioas.set_huge_pages(false)?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn set_huge_pages(&self, on: bool) -> Result<()> {
+        self.iommufd
+            .option(
+                iu::iommufd_option_IOMMU_OPTION_HUGE_PAGES,
+                true,
+                self.id,
+                on as u64,
+            )
+            .map(drop)
+            .map_err(|e| {
+                if !on && e.raw_os_error() == Some(libc::EINVAL) {
+                    Error::HugePagesLocked {
+                        ioas: self.id,
+                        source: e,
+                    }
+                } else {
+                    self.err("IOMMU_OPTION set HUGE_PAGES", None, e)
+                }
+            })
+    }
+}
+
+impl Drop for Ioas {
+    fn drop(&mut self) {
+        // Destroying unmaps everything. It fails (EBUSY) while a device or HWPT still
+        // uses the IOAS; the kernel object then lives until the iommufd closes.
+        if let Err(e) = self.iommufd.destroy(self.id) {
+            log::warn!(
+                "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}; detach devices and \
+                 drop HWPTs before the IOAS",
+                self.id,
+                self.iommufd.raw()
+            );
+        }
+    }
+}
+
+/// The backend-neutral view; errors arrive as [`MapError::Explained`] holding an
+/// [`Error`].
+impl DmaMapper for Ioas {
+    fn backend(&self) -> Backend {
+        Backend::Iommufd
+    }
+
+    fn can_map_file(&self) -> bool {
+        true
+    }
+
+    fn map_user(
+        &self,
+        iova: Iova,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> std::result::Result<u64, MapError> {
+        Ioas::map_user(self, iova, va, len, access).map_err(Into::into)
+    }
+
+    fn map_file(
+        &self,
+        iova: Iova,
+        fd: BorrowedFd<'_>,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> std::result::Result<u64, MapError> {
+        Ioas::map_file(self, iova, fd, offset, len, access).map_err(Into::into)
+    }
+
+    fn unmap(&self, iova: u64, len: u64) -> std::result::Result<u64, MapError> {
+        Ioas::unmap(self, iova, len).map_err(Into::into)
+    }
+
+    fn unmap_all(&self) -> std::result::Result<u64, MapError> {
+        Ioas::unmap_all(self).map_err(Into::into)
+    }
+}

@@ -1,0 +1,381 @@
+//! guest_memfd, memory attributes and shared backings against the real KVM (VM): what
+//! each VM type accepts, mapping and hole punching, adoption, hugetlb memfds.
+
+mod support;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use kvm_bindings::{kvm_create_guest_memfd, kvm_memory_attributes};
+use libtest_mimic::Failed;
+use support::{run_vm_tests, OrFail};
+use vfio_gmem::dma::{AttributesOp, DiscardOp, OpError, RegionId};
+use vfio_gmem::gmem::{
+    open_kvm, supported_vm_types, GmemError, GmemFlags, GuestMemfd, KvmAttributes, KvmVm, Memfd,
+    MemoryAttributes, VmType, HUGE_PAGE_2M,
+};
+
+fn main() {
+    run_vm_tests(&[
+        ("kvm_reports_flags_and_attributes_per_vm_type", reports_caps),
+        (
+            "default_vm_gmem_mmap_write_read_punch_hole",
+            default_vm_gmem,
+        ),
+        (
+            "sw_protected_accepts_mmap_refuses_init_shared",
+            sw_protected_flags,
+        ),
+        ("memory_attributes_private_then_shared", memory_attributes),
+        ("adopt_gmem_and_reject_other_fds", adopt),
+        ("hugetlb_memfd_with_and_without_reserved_pages", hugetlb),
+    ]);
+}
+
+const PAGE: usize = 4096;
+
+fn reports_caps() -> Result<(), Failed> {
+    let kvm = open_kvm().or_fail("open /dev/kvm")?;
+    let types = supported_vm_types(&kvm);
+    println!("KVM_CAP_VM_TYPES = {:#x} ({types})", types.bits());
+    check!(
+        types.contains(VmType::Default) && types.contains(VmType::SwProtected),
+        "expected DEFAULT and SW_PROTECTED in {types}"
+    );
+    for (t, flags, attrs) in [
+        (
+            VmType::Default,
+            GmemFlags::MMAP | GmemFlags::INIT_SHARED,
+            MemoryAttributes::empty(),
+        ),
+        (
+            VmType::SwProtected,
+            GmemFlags::MMAP,
+            MemoryAttributes::PRIVATE,
+        ),
+    ] {
+        let vm = KvmVm::create_with(&kvm, t).or_fail("create VM")?;
+        let got_flags = vm.guest_memfd_flags();
+        let got_attrs = vm.memory_attributes();
+        println!(
+            "{t} VM: KVM_CAP_GUEST_MEMFD = {}, KVM_CAP_GUEST_MEMFD_FLAGS = {got_flags} ({:#x}), \
+             KVM_CAP_MEMORY_ATTRIBUTES = {got_attrs} ({:#x})",
+            vm.supports_guest_memfd(),
+            got_flags.bits(),
+            got_attrs.bits()
+        );
+        check!(vm.supports_guest_memfd(), "{t} VM: no guest_memfd");
+        check!(
+            got_flags == flags,
+            "{t} VM accepts {got_flags}, expected {flags}"
+        );
+        check!(
+            got_attrs == attrs,
+            "{t} VM attributes {got_attrs}, expected {attrs}"
+        );
+        check!(
+            vm.supports_private() == (t == VmType::SwProtected),
+            "supports_private wrong for {t}"
+        );
+    }
+    Ok(())
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PAGE)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+fn default_vm_gmem() -> Result<(), Failed> {
+    let vm = KvmVm::create(VmType::Default).or_fail("create default VM")?;
+    let gmem = vm
+        .create_guest_memfd(4 * PAGE as u64, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
+        .or_fail("create gmem MMAP|INIT_SHARED")?;
+    check!(gmem.size() == 4 * PAGE as u64, "size {}", gmem.size());
+    let mut map = gmem.mmap().or_fail("mmap gmem")?;
+    for p in 0..4 {
+        map.write(p * PAGE, &pattern(p as u8)).or_fail("write")?;
+    }
+    // A second mapping sees the same file content.
+    let other = gmem
+        .mmap_range(PAGE as u64, PAGE as u64)
+        .or_fail("mmap page 1")?;
+    check!(
+        other.read_vec(0, PAGE).or_fail("read")? == pattern(1),
+        "second mapping of page 1 differs"
+    );
+    for p in 0..4 {
+        check!(
+            map.read_vec(p * PAGE, PAGE).or_fail("read")? == pattern(p as u8),
+            "page {p} did not read back"
+        );
+    }
+
+    gmem.punch_hole(PAGE as u64, PAGE as u64)
+        .or_fail("punch_hole page 1")?;
+    check!(
+        map.read_vec(PAGE, PAGE)
+            .or_fail("read")?
+            .iter()
+            .all(|&b| b == 0),
+        "page 1 not zero after punch_hole"
+    );
+    // Through the executor half: discard page 3 via a File backing.
+    let mut k = KvmAttributes::new(&vm);
+    k.discard(&DiscardOp {
+        region: RegionId(0),
+        backing: gmem.backing(0),
+        gpa: 0,
+        offset: 3 * PAGE as u64,
+        len: PAGE as u64,
+    })
+    .or_fail("discard page 3")?;
+    check!(
+        map.read_vec(3 * PAGE, PAGE)
+            .or_fail("read")?
+            .iter()
+            .all(|&b| b == 0),
+        "page 3 not zero after discard"
+    );
+    for p in [0usize, 2] {
+        check!(
+            map.read_vec(p * PAGE, PAGE).or_fail("read")? == pattern(p as u8),
+            "page {p} changed by a punch elsewhere"
+        );
+    }
+    let e = gmem.punch_hole(100, PAGE as u64).unwrap_err();
+    println!("unaligned punch_hole: {e}");
+    check!(e.to_string().contains("multiples of 0x1000"), "{e}");
+
+    // Without MMAP the file cannot be mapped: explained before the call, and the kernel
+    // agrees (ENODEV) for an adopted fd whose flags are unknown.
+    let plain = vm
+        .create_guest_memfd(PAGE as u64, GmemFlags::INIT_SHARED)
+        .or_fail("create gmem INIT_SHARED")?;
+    let e = plain.mmap().unwrap_err();
+    println!("mmap without MMAP: {e}");
+    check!(matches!(e, GmemError::MmapNotEnabled { .. }), "{e}");
+    let adopted = GuestMemfd::adopt(plain.into_owned_fd()).or_fail("adopt")?;
+    let e = adopted.mmap().unwrap_err();
+    println!("mmap of adopted gmem without MMAP: {e}");
+    check!(
+        matches!(e, GmemError::MmapNotEnabled { flags: None, .. }),
+        "{e}"
+    );
+    Ok(())
+}
+
+fn sw_protected_flags() -> Result<(), Failed> {
+    let vm = KvmVm::create(VmType::SwProtected).or_fail("create SW_PROTECTED VM")?;
+    let gmem = vm
+        .create_guest_memfd(2 * PAGE as u64, GmemFlags::MMAP)
+        .or_fail("create gmem MMAP")?;
+    check!(
+        gmem.flags() == Some(GmemFlags::MMAP),
+        "flags {:?}",
+        gmem.flags()
+    );
+    let map = gmem.mmap().or_fail("mmap SW_PROTECTED gmem")?;
+    check!(map.len() == 2 * PAGE, "len {}", map.len());
+    // Pages start private: touching them would SIGBUS, so the test only maps.
+    gmem.punch_hole(0, PAGE as u64).or_fail("punch_hole")?;
+
+    let e = vm
+        .create_guest_memfd(2 * PAGE as u64, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
+        .unwrap_err();
+    println!("SW_PROTECTED MMAP|INIT_SHARED: {e}");
+    check!(
+        e.to_string()
+            .starts_with("guest_memfd flag INIT_SHARED is refused on a SW_PROTECTED VM (EINVAL)")
+            && e.to_string().ends_with("create with MMAP only"),
+        "unexpected message: {e}"
+    );
+    // The kernel itself refuses it too (the check above is not stricter than KVM).
+    let raw = vm.vm_fd().create_guest_memfd(kvm_create_guest_memfd {
+        size: PAGE as u64,
+        flags: (GmemFlags::MMAP | GmemFlags::INIT_SHARED).bits(),
+        reserved: [0; 6],
+    });
+    check!(
+        matches!(&raw, Err(e) if e.errno() == libc::EINVAL),
+        "kernel answered {raw:?} to INIT_SHARED on SW_PROTECTED, expected EINVAL"
+    );
+    Ok(())
+}
+
+fn memory_attributes() -> Result<(), Failed> {
+    const GPA: u64 = 0x1_0000_0000;
+    let len = 16 * PAGE as u64;
+    let vm = KvmVm::create(VmType::SwProtected).or_fail("create SW_PROTECTED VM")?;
+    vm.set_private(GPA, len).or_fail("set private")?;
+    vm.set_shared(GPA + PAGE as u64, PAGE as u64)
+        .or_fail("set one page shared")?;
+    vm.set_shared(GPA, len).or_fail("set shared")?;
+    // The same through the executor half.
+    let mut k = KvmAttributes::new(&vm);
+    let op = AttributesOp {
+        gpa: GPA,
+        len,
+        private: true,
+    };
+    k.set_attributes(&op).or_fail("executor private")?;
+    k.set_attributes(&op.inverse()).or_fail("executor shared")?;
+    let e = vm.set_private(GPA + 1, len).unwrap_err();
+    println!("unaligned attributes: {e}");
+    check!(e.to_string().contains("multiples of 0x1000"), "{e}");
+
+    let def = KvmVm::create(VmType::Default).or_fail("create default VM")?;
+    let e = def.set_private(GPA, len).unwrap_err();
+    println!("default VM private: {e}");
+    check!(
+        matches!(e, GmemError::AttributesUnsupported { .. })
+            && e.to_string()
+                .contains("this DEFAULT VM supports memory attributes none"),
+        "{e}"
+    );
+    check!(
+        KvmAttributes::new(&def).set_attributes(&op) == Err(OpError::from_errno(libc::EINVAL)),
+        "executor on a default VM did not fail with EINVAL"
+    );
+    // The kernel agrees: PRIVATE on a default VM is EINVAL.
+    let raw = def.vm_fd().set_memory_attributes(kvm_memory_attributes {
+        address: GPA,
+        size: len,
+        attributes: MemoryAttributes::PRIVATE.bits(),
+        flags: 0,
+    });
+    check!(
+        matches!(&raw, Err(e) if e.errno() == libc::EINVAL),
+        "kernel answered {raw:?} to PRIVATE on a default VM, expected EINVAL"
+    );
+    match def.set_shared(GPA, len) {
+        Ok(()) => println!("default VM shared: accepted (no attribute bits)"),
+        Err(e) => println!("default VM shared: {e}"),
+    }
+    Ok(())
+}
+
+fn adopt() -> Result<(), Failed> {
+    let vm = KvmVm::create(VmType::Default).or_fail("create default VM")?;
+    let gmem = vm
+        .create_guest_memfd(8 * PAGE as u64, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
+        .or_fail("create gmem")?;
+    let link =
+        std::fs::read_link(format!("/proc/self/fd/{}", gmem.as_raw_fd())).or_fail("readlink")?;
+    println!("guest_memfd /proc/self/fd link: {}", link.display());
+    check!(GuestMemfd::is_guest_memfd(&gmem), "is_guest_memfd false");
+    let fd: OwnedFd = gmem.into_owned_fd();
+    let raw = fd.as_raw_fd();
+    let adopted = GuestMemfd::adopt_with_flags(fd, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
+        .or_fail("adopt gmem")?;
+    check!(adopted.as_raw_fd() == raw, "fd changed");
+    check!(
+        adopted.size() == 8 * PAGE as u64,
+        "adopted size {}",
+        adopted.size()
+    );
+    let mut map = adopted.mmap().or_fail("mmap adopted")?;
+    map.write(0, b"adopted").or_fail("write")?;
+    check!(
+        map.read_vec(0, 7).or_fail("read")? == b"adopted",
+        "read back"
+    );
+
+    let mem = Memfd::new("not-gmem", PAGE as u64).or_fail("memfd")?;
+    let e = GuestMemfd::adopt(mem.into_file().into()).unwrap_err();
+    println!("adopt memfd: {e}");
+    check!(
+        e.to_string().contains("it is a memfd (/memfd:not-gmem"),
+        "{e}"
+    );
+    let kvm = std::fs::File::open("/dev/kvm").or_fail("open /dev/kvm")?;
+    let e = GuestMemfd::adopt(kvm.into()).unwrap_err();
+    println!("adopt /dev/kvm: {e}");
+    check!(
+        e.to_string()
+            .contains("it is the character device /dev/kvm"),
+        "{e}"
+    );
+    let path = std::env::temp_dir().join("vfio-gmem-vm-adopt");
+    let file = std::fs::File::create(&path).or_fail("create file")?;
+    let e = GuestMemfd::adopt(file.into()).unwrap_err();
+    let _ = std::fs::remove_file(&path);
+    println!("adopt regular file: {e}");
+    check!(e.to_string().contains("it is the regular file"), "{e}");
+    Ok(())
+}
+
+/// Sets `/proc/sys/vm/nr_hugepages` and puts the old value back on drop.
+struct HugePages(String);
+
+impl HugePages {
+    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+
+    fn set(n: u64) -> Result<Self, Failed> {
+        let old = std::fs::read_to_string(Self::PATH).or_fail("read nr_hugepages")?;
+        std::fs::write(Self::PATH, n.to_string()).or_fail("write nr_hugepages")?;
+        Ok(HugePages(old.trim().to_string()))
+    }
+
+    fn now() -> String {
+        std::fs::read_to_string(Self::PATH)
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::PATH, &self.0);
+    }
+}
+
+fn hugetlb() -> Result<(), Failed> {
+    let size = 2 * HUGE_PAGE_2M;
+    {
+        let _none = HugePages::set(0)?;
+        let mem = Memfd::hugetlb("huge-none", size).or_fail("memfd hugetlb")?;
+        check!(mem.page_size() == HUGE_PAGE_2M, "page size");
+        let e = mem.mmap().unwrap_err();
+        println!("hugetlb mmap without reserved pages: {e}");
+        check!(
+            matches!(e, GmemError::NoHugePages { .. })
+                && e.to_string().contains("echo N > /proc/sys/vm/nr_hugepages"),
+            "{e}"
+        );
+        let e = mem.allocate(0, size).unwrap_err();
+        println!("hugetlb allocate without reserved pages: {e}");
+        check!(matches!(e, GmemError::NoHugePages { .. }), "{e}");
+    }
+    let _two = HugePages::set(2)?;
+    check!(
+        HugePages::now() == "2",
+        "could not reserve 2 huge pages (nr_hugepages = {})",
+        HugePages::now()
+    );
+    let mem = Memfd::hugetlb("huge-two", size).or_fail("memfd hugetlb")?;
+    let mut map = mem.mmap().or_fail("mmap hugetlb memfd")?;
+    let step = HUGE_PAGE_2M as usize;
+    map.write(0, &pattern(1)).or_fail("write")?;
+    map.write(step, &pattern(2)).or_fail("write")?;
+    check!(
+        map.read_vec(step, PAGE).or_fail("read")? == pattern(2),
+        "read back"
+    );
+    mem.punch_hole(HUGE_PAGE_2M, HUGE_PAGE_2M)
+        .or_fail("punch second huge page")?;
+    check!(
+        map.read_vec(step, PAGE)
+            .or_fail("read")?
+            .iter()
+            .all(|&b| b == 0),
+        "second huge page not zero after punch_hole"
+    );
+    check!(
+        map.read_vec(0, PAGE).or_fail("read")? == pattern(1),
+        "first huge page changed"
+    );
+    mem.allocate(0, size).or_fail("allocate both huge pages")?;
+    Ok(())
+}
