@@ -53,6 +53,10 @@ fn main() {
             "teardown_leaves_no_fds_or_pins",
             teardown_leaves_no_fds_or_pins,
         ),
+        (
+            "legacy_container_space_maps_by_va_per_granule",
+            legacy_container_space_maps_by_va_per_granule,
+        ),
     ]);
 }
 
@@ -680,5 +684,71 @@ fn teardown_leaves_no_fds_or_pins() -> Result<(), Failed> {
             "round {round}: VmPin {pin0} KiB before, {pin} KiB after"
         );
     }
+    Ok(())
+}
+
+/// The legacy VFIO type1 backend behind the same DmaSpace: VA mappings only, one area per
+/// granule, conversions proven with DMA through a device fd from the group.
+fn legacy_container_space_maps_by_va_per_granule() -> Result<(), Failed> {
+    use vfio_gmem::mapper::Backend;
+    use vfio_gmem::vfio::{Bdf, Container, Group, PciSysfs};
+    let bdf = pci::edu_devices()
+        .into_iter()
+        .next()
+        .ok_or("no edu device")?;
+    pci::bind_vfio_pci(&bdf).or_fail("bind edu to vfio-pci")?;
+    let bdf: Bdf = bdf.parse().or_fail("bdf")?;
+    let group_id = PciSysfs::new()
+        .device(bdf)
+        .or_fail("sysfs")?
+        .iommu_group
+        .ok_or("no IOMMU group")?;
+    let group = Group::open(group_id).or_fail("open group")?;
+    let container = Container::open().or_fail("open container")?;
+    container.add_group(&group).or_fail("add group")?;
+    let edu = Edu::new(group.device(bdf).or_fail("device fd")?).or_fail("edu")?;
+
+    let len = 16 * PAGE;
+    let vm = arc_vm(VmType::SwProtected)?;
+    let shared = Memfd::new("vm-dma-legacy", len).or_fail("memfd")?;
+    let mut view = shared.mmap().or_fail("mmap")?;
+    let mut space = DmaSpace::with_mapper(Box::new(container), Some(vm), SpaceOptions::default());
+    check!(
+        space.backend() == Backend::LegacyType1,
+        "backend {}",
+        space.backend()
+    );
+    space
+        .add_region(
+            GuestRegion::new(
+                GPA,
+                len,
+                SharedMemory::File {
+                    fd: dup(shared.file())?,
+                    offset: 0,
+                },
+            )
+            .convertible(PageState::Shared),
+        )
+        .or_fail("add region")?;
+    let r = &space.regions()[0];
+    check!(
+        matches!(r.path, MapPath::VirtualAddress { .. }) && r.strategy == "pergranule",
+        "legacy region {r:?}"
+    );
+    check!(r.areas == 16, "one area per 4 KiB granule, got {}", r.areas);
+    // The space maps its own mmap of the memfd; the test's view is a second mapping of
+    // the same pages, so DMA results show up there.
+    space
+        .convert(GPA + 4 * PAGE, 2 * PAGE, PageState::Private, false)
+        .or_fail("to private")?;
+    dma_refused(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE)?;
+    dma_works(&edu, &mut view, (6 * PAGE) as usize, GPA + 6 * PAGE, 1)?;
+    space
+        .convert(GPA + 4 * PAGE, 2 * PAGE, PageState::Shared, false)
+        .or_fail("to shared")?;
+    dma_works(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE, 2)?;
+    drop(space);
+    drop(group);
     Ok(())
 }
