@@ -57,6 +57,10 @@ fn main() {
             "legacy_container_space_maps_by_va_per_granule",
             legacy_container_space_maps_by_va_per_granule,
         ),
+        (
+            "kernel_failure_mid_batch_rolls_back",
+            kernel_failure_mid_batch_rolls_back,
+        ),
     ]);
 }
 
@@ -750,5 +754,82 @@ fn legacy_container_space_maps_by_va_per_granule() -> Result<(), Failed> {
     dma_works(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE, 2)?;
     drop(space);
     drop(group);
+    Ok(())
+}
+
+/// The kernel refuses the last call of a batch (an obstacle mapped at the IOVA the batch
+/// wants to map): everything the batch did is undone, the error says so, DMA shows the
+/// pages as before, and the same batch succeeds once the obstacle is gone.
+fn kernel_failure_mid_batch_rolls_back() -> Result<(), Failed> {
+    use vfio_gmem::dma::Outcome;
+    use vfio_gmem::mapper::{Access, Iova};
+    let len = 16 * PAGE;
+    let (mut space, edu, _shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
+    space
+        .convert(GPA + 10 * PAGE, PAGE, PageState::Private, false)
+        .or_fail("page 10 private")?;
+    let obstacle = Memfd::new("obstacle", PAGE).or_fail("memfd")?;
+    let ioas = space.ioas().ok_or("iommufd space has an IOAS")?;
+    ioas.map_file(
+        Iova::Fixed(GPA + 10 * PAGE),
+        obstacle.file().as_fd(),
+        0,
+        PAGE,
+        Access::READ_WRITE,
+    )
+    .or_fail("obstacle")?;
+    let areas = space.area_count();
+    let reqs = [
+        ConversionRequest::new(GPA + 3 * PAGE, PAGE, PageState::Private),
+        ConversionRequest::new(GPA + 10 * PAGE, PAGE, PageState::Shared),
+    ];
+    match space.convert_batch(&reqs) {
+        Err(SpaceError::Exec { source, detail, .. }) => {
+            check!(
+                matches!(source.outcome, Outcome::RolledBack),
+                "outcome {:?}",
+                source.outcome
+            );
+            check!(
+                source.error.errno == libc::EEXIST,
+                "expected EEXIST from the map, got {}",
+                source.error
+            );
+            eprintln!(
+                "mid-batch failure reported as: {}",
+                detail.unwrap_or_default()
+            );
+        }
+        other => {
+            return Err(format!(
+                "the batch should fail on the obstacle: {:?}",
+                other.map(|_| ())
+            )
+            .into())
+        }
+    }
+    check!(
+        space.page_state(GPA + 3 * PAGE) == Some(PageState::Shared),
+        "page 3 not rolled back to shared"
+    );
+    check!(
+        space.page_state(GPA + 10 * PAGE) == Some(PageState::Private),
+        "page 10 not rolled back to private"
+    );
+    // Page 3 was cut out of its area and mapped back as its own: two more areas.
+    check!(
+        space.area_count() == areas + 2,
+        "areas {areas} → {}",
+        space.area_count()
+    );
+    dma_works(&edu, &mut view, (3 * PAGE) as usize, GPA + 3 * PAGE, 3)?;
+    let ioas = space.ioas().ok_or("IOAS")?;
+    ioas.unmap(GPA + 10 * PAGE, PAGE)
+        .or_fail("remove obstacle")?;
+    space
+        .convert_batch(&reqs)
+        .or_fail("the same batch without the obstacle")?;
+    dma_refused(&edu, &mut view, (3 * PAGE) as usize, GPA + 3 * PAGE)?;
+    dma_works(&edu, &mut view, (10 * PAGE) as usize, GPA + 10 * PAGE, 10)?;
     Ok(())
 }
