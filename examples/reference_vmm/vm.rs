@@ -102,8 +102,9 @@ pub fn create() -> Result<Vm, String> {
             },
             ..Default::default()
         };
-        // SAFETY: `view` maps [gpa, gpa+len) of the memfd and outlives the VM (both are
-        // fields of `Vm`; the VM fd is dropped first).
+        // SAFETY: `view` maps [gpa, gpa+len) of the memfd read-write and lives in `Vm`
+        // with the VM fd; the vCPU only runs while `Vm` is alive. KVM reaches the memory
+        // through the mapping (mmu notifiers), never by keeping a stale pointer.
         unsafe { vm.vm_fd().set_user_memory_region2(region) }
             .map_err(|e| format!("KVM_SET_USER_MEMORY_REGION2 slot {slot}: {e}"))?;
     }
