@@ -111,11 +111,16 @@ fn guest_driven_conversions_story() -> Result<(), Failed> {
             "exit     io-out port=0x10 value=1 (doorbell)",
             "check    ok: B holds the guest's pattern from A",
             "check    ok: guest report 0x0, expected 0x0: B equals A",
-            // 3: hypercall → private: IOMMU unmap and attribute, then the guest resumes.
+            // 3: hypercall → private: the kernel saw the IOMMU unmap before the attribute
+            // and the discard (the library's debug trace), then the guest resumes.
             "exit     hypercall nr=12 gpa=0x4000 pages=1 attrs=0x10 (KVM_HC_MAP_GPA_RANGE)",
             "convert  GPA [0x4000, +0x1000) to private",
+            "kernel   IOMMU unmap (Cut) IOVA [0x100004000, +0x1000): 0x1000 bytes",
+            "kernel   KVM attributes GPA [0x4000, +0x1000) private",
+            "kernel   discard shared backing GPA [0x4000, +0x1000)",
             "iommu    unmaps=1 maps=0 bytes_unmapped=0x1000",
             "kvm      attribute_changes=1 discards=1",
+            "check    ok: order: IOMMU unmap, then KVM attributes, then discard",
             "resume   hypercall ret=0",
             // 4: the device cannot write the private page; the guest's data survives.
             "exit     io-out port=0x10 value=2 (doorbell)",
@@ -125,7 +130,10 @@ fn guest_driven_conversions_story() -> Result<(), Failed> {
             // 5-6: shared again: mapped after the attribute, and DMA works.
             "exit     hypercall nr=12 gpa=0x4000 pages=1 attrs=0x0 (KVM_HC_MAP_GPA_RANGE)",
             "convert  GPA [0x4000, +0x1000) to shared",
+            "kernel   KVM attributes GPA [0x4000, +0x1000) shared",
+            "kernel   IOMMU map IOVA [0x100004000, +0x1000)",
             "iommu    unmaps=0 maps=1 bytes_unmapped=0x0 bytes_mapped=0x1000",
+            "check    ok: order: KVM attributes, then IOMMU map",
             "resume   hypercall ret=0",
             "dma      device → A (iova 0x100004000) while shared: written",
             "check    ok: guest report 0x0, expected 0x0: A holds the device's data",
@@ -134,7 +142,9 @@ fn guest_driven_conversions_story() -> Result<(), Failed> {
             "iommu    unmaps=1 maps=0",
             "exit     memory-fault gpa=0x8000 size=0x1000 flags=0x8 (private access)",
             "convert  GPA [0x8000, +0x1000) to shared",
-            "iommu    unmaps=0 maps=1",
+            "kernel   KVM attributes GPA [0x8000, +0x1000) shared",
+            "kernel   IOMMU map IOVA [0x100008000, +0x1000)",
+            "check    ok: order: KVM attributes, then IOMMU map",
             "resume   the access is retried",
             "check    ok: guest report 0x0, expected 0x0: the window read completed",
             "exit     hlt",

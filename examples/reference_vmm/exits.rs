@@ -5,7 +5,7 @@ use vfio_gmem::dma::{DmaSpace, PageState, SpaceError, Stats};
 
 use crate::edu::{self, Edu, PAGE};
 use crate::guest::*;
-use crate::vm;
+use crate::{trace, vm};
 
 /// IOVA = GPA + this: keeps device addresses away from IOVA 0 and shows that the
 /// device's view need not equal the guest's.
@@ -164,17 +164,12 @@ impl Vmm {
             .map_err(|e| format!("answering the memory fault: {e}"))
     }
 
+    /// Converts through the DMA space, then checks from the kernel-call trace that the
+    /// calls came in the safe order.
     fn convert(&mut self, gpa: u64, len: u64, to: PageState) -> Result<(), SpaceError> {
-        let order = match to {
-            PageState::Private => {
-                "IOMMU unmap, then KVM attributes, then discard of the shared copy"
-            }
-            PageState::Shared => "KVM attributes, then IOMMU map",
-        };
-        self.story.line(
-            "convert",
-            format!("GPA [{gpa:#x}, +{len:#x}) to {to} (library order: {order})"),
-        );
+        self.story
+            .line("convert", format!("GPA [{gpa:#x}, +{len:#x}) to {to}"));
+        trace::take();
         let s: Stats = self.space.convert(gpa, len, to, to == PageState::Private)?;
         self.story.line(
             "iommu",
@@ -196,6 +191,24 @@ impl Vmm {
                 s.attribute_changes, s.discards
             ),
         );
+        let calls = trace::take();
+        let first = |what: &str| calls.iter().position(|c| c.starts_with(what));
+        let (unmap, attrs, discard, map) = (
+            first("IOMMU unmap"),
+            first("KVM attributes"),
+            first("discard"),
+            first("IOMMU map"),
+        );
+        match to {
+            PageState::Private => self.story.check(
+                unmap < attrs && attrs < discard && map.is_none() && unmap.is_some(),
+                "order: IOMMU unmap, then KVM attributes, then discard",
+            ),
+            PageState::Shared => self.story.check(
+                attrs < map && attrs.is_some() && unmap.is_none(),
+                "order: KVM attributes, then IOMMU map",
+            ),
+        }
         Ok(())
     }
 

@@ -22,6 +22,7 @@
 mod edu;
 mod exits;
 mod guest;
+mod trace;
 mod vm;
 
 use std::process::ExitCode;
@@ -93,6 +94,7 @@ fn run(
     insn: HypercallInsn,
     code: &[u8],
 ) -> Result<usize, String> {
+    trace::install();
     let story = Story { failures: 0 };
     // 0. The device, found first: nothing is created if it is missing.
     let bdf = edu::find(device)?;
