@@ -3,6 +3,8 @@
 //!
 //! Invariant: each method issues exactly one kernel call (the driver counts them), and the
 //! explanation of a failure is kept for the caller, since [`OpError`] carries only errno.
+//! Each call that succeeds is logged at `debug` level (target `vfio_gmem::dma::exec`), in
+//! the order issued, so a VMM can trace what reached the kernel.
 
 use std::os::fd::BorrowedFd;
 
@@ -70,7 +72,9 @@ impl Executor for RealExecutor<'_> {
             }
         };
         r.map(drop)
-            .map_err(|e| self.fail(errno_of(&e), e.to_string()))
+            .map_err(|e| self.fail(errno_of(&e), e.to_string()))?;
+        log::debug!("IOMMU map IOVA [{:#x}, +{:#x})", op.iova, op.len);
+        Ok(())
     }
 
     fn unmap(&mut self, op: &UnmapOp) -> Result<u64, OpError> {
@@ -90,20 +94,34 @@ impl Executor for RealExecutor<'_> {
                 .unmap(op.iova, op.len)
                 .map_err(|e| (errno_of(&e), e.to_string())),
         };
-        r.map_err(|(errno, text)| self.fail(errno, text))
+        let bytes = r.map_err(|(errno, text)| self.fail(errno, text))?;
+        log::debug!(
+            "IOMMU unmap ({:?}) IOVA [{:#x}, +{:#x}): {bytes:#x} bytes",
+            op.kind,
+            op.iova,
+            op.len
+        );
+        Ok(bytes)
     }
 
     fn set_attributes(&mut self, op: &AttributesOp) -> Result<(), OpError> {
         self.kvm.try_set_attributes(op).map_err(|e| {
             let errno = e.errno();
             self.fail(errno, e.to_string())
-        })
+        })?;
+        if self.kvm.vm().is_some() {
+            let to = if op.private { "private" } else { "shared" };
+            log::debug!("KVM attributes GPA [{:#x}, +{:#x}) {to}", op.gpa, op.len);
+        }
+        Ok(())
     }
 
     fn discard(&mut self, op: &DiscardOp) -> Result<(), OpError> {
         self.kvm.try_discard(op).map_err(|e| {
             let errno = e.errno();
             self.fail(errno, e.to_string())
-        })
+        })?;
+        log::debug!("discard shared backing GPA [{:#x}, +{:#x})", op.gpa, op.len);
+        Ok(())
     }
 }
