@@ -45,6 +45,18 @@ fn main() {
             conversions_on_a_thread_never_fault_neighbours,
         ),
         ("bad_input_changes_nothing", bad_input_changes_nothing),
+        (
+            "fake_kernel_rules_match_the_real_kernel",
+            fake_kernel_rules_match_the_real_kernel,
+        ),
+        (
+            "teardown_leaves_no_fds_or_pins",
+            teardown_leaves_no_fds_or_pins,
+        ),
+        (
+            "legacy_container_space_maps_by_va_per_granule",
+            legacy_container_space_maps_by_va_per_granule,
+        ),
     ]);
 }
 
@@ -490,5 +502,253 @@ fn bad_input_changes_nothing() -> Result<(), Failed> {
         "bad input changed state: {before:?} → {:?}",
         (space.area_count(), space.totals().ioctls)
     );
+    Ok(())
+}
+
+/// One step of the rule check: the same call on the fake and on the kernel.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Map(u64, u64),
+    Native(u64, u64),
+    Cut(u64, u64),
+}
+
+/// The kernel side of the rule check, on raw ioctls (not the library's wrappers, which
+/// refuse some calls before the kernel sees them).
+struct RawKernel {
+    iommufd: support::edu_raw::RawIommufd,
+    memfd: std::fs::File,
+}
+
+impl RawKernel {
+    fn call(&self, step: Step) -> Result<u64, i32> {
+        use vfio_gmem::sys::{self, vfio_uapi as vu};
+        let errno = |e: std::io::Error| e.raw_os_error().unwrap_or(-1);
+        match step {
+            Step::Map(p, n) => self
+                .iommufd
+                .map_file(&self.memfd, p * PAGE, n * PAGE, GPA + p * PAGE)
+                .map(|_| 0)
+                .map_err(errno),
+            Step::Native(p, n) => self.iommufd.unmap(GPA + p * PAGE, n * PAGE).map_err(errno),
+            Step::Cut(p, n) => {
+                let mut u: vu::vfio_iommu_type1_dma_unmap = sys::zeroed();
+                u.argsz = std::mem::size_of_val(&u) as u32;
+                u.iova = GPA + p * PAGE;
+                u.size = n * PAGE;
+                sys::ioctl_mut(self.iommufd.fd.as_fd(), sys::VFIO_IOMMU_UNMAP_DMA, &mut u)
+                    .map(|_| u.size)
+                    .map_err(errno)
+            }
+        }
+    }
+}
+
+fn fake_call(fake: &mut vfio_gmem::dma::FakeKernel, step: Step) -> Result<u64, i32> {
+    use vfio_gmem::dma::{Backing, Executor, MapOp, RegionId, UnmapKind, UnmapOp};
+    let map = |p: u64, n: u64| MapOp {
+        region: RegionId(0),
+        backing: Backing::Opaque(0),
+        iova: GPA + p * PAGE,
+        offset: p * PAGE,
+        len: n * PAGE,
+    };
+    let unmap = |p: u64, n: u64, kind| UnmapOp {
+        iova: GPA + p * PAGE,
+        len: n * PAGE,
+        kind,
+        restore: Vec::new(),
+    };
+    match step {
+        Step::Map(p, n) => fake.map(&map(p, n)).map(|_| 0),
+        Step::Native(p, n) => fake.unmap(&unmap(p, n, UnmapKind::Native)),
+        Step::Cut(p, n) => fake.unmap(&unmap(p, n, UnmapKind::Cut)),
+    }
+    .map_err(|e| e.errno)
+}
+
+/// The fake kernel the planner's property tests trust must answer every call exactly as
+/// iommufd does: overlap, cutting native unmaps (with their partial effect), cut-unmaps,
+/// unmaps of nothing. Each step's result (bytes or errno) is compared.
+fn fake_kernel_rules_match_the_real_kernel() -> Result<(), Failed> {
+    use support::edu_raw::{memfd, RawEdu, RawIommufd};
+    use vfio_gmem::sys::{self, iommufd_uapi as iu};
+    let bdf = pci::edu_devices()
+        .into_iter()
+        .nth(1)
+        .or_else(|| pci::edu_devices().into_iter().next())
+        .ok_or("no edu")?;
+    pci::bind_vfio_pci(&bdf).or_fail("bind")?;
+    let iommufd = RawIommufd::open().or_fail("iommufd")?;
+    // Compat IOAS with huge pages off, as the Cut strategy uses it.
+    let mut o: iu::iommu_option = sys::zeroed();
+    o.size = std::mem::size_of_val(&o) as u32;
+    o.option_id = iu::iommufd_option_IOMMU_OPTION_HUGE_PAGES;
+    o.op = iu::iommufd_option_ops_IOMMU_OPTION_OP_SET as u16;
+    o.object_id = iommufd.ioas;
+    o.val64 = 0;
+    sys::ioctl_mut(iommufd.fd.as_fd(), sys::IOMMU_OPTION, &mut o).or_fail("huge pages off")?;
+    let mut v: iu::iommu_vfio_ioas = sys::zeroed();
+    v.size = std::mem::size_of_val(&v) as u32;
+    v.ioas_id = iommufd.ioas;
+    v.op = iu::iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_SET as u16;
+    sys::ioctl_mut(iommufd.fd.as_fd(), sys::IOMMU_VFIO_IOAS, &mut v).or_fail("set compat")?;
+    let _edu = RawEdu::open(&pci::vfio_cdev(&bdf).or_fail("cdev")?, &iommufd).or_fail("attach")?;
+    let kernel = RawKernel {
+        iommufd,
+        memfd: memfd("rules", 64 * PAGE).or_fail("memfd")?,
+    };
+    let mut fake = vfio_gmem::dma::FakeKernel::new();
+    use Step::*;
+    let script = [
+        Map(0, 8),
+        Map(4, 1),
+        Native(2, 2),
+        Cut(2, 2),
+        Cut(2, 2),
+        Native(2, 2),
+        Native(0, 8),
+        Map(0, 1),
+        Map(1, 1),
+        Map(2, 1),
+        Native(0, 3),
+        Map(10, 2),
+        Map(12, 2),
+        Native(11, 3),
+        Native(10, 4),
+        Map(20, 1),
+        Map(21, 2),
+        Native(20, 2),
+        Native(20, 1),
+        Native(21, 2),
+        Map(30, 8),
+        Cut(29, 2),
+        Cut(37, 3),
+        Native(31, 6),
+        Cut(30, 1),
+        Map(40, 4),
+        Map(44, 4),
+        Cut(42, 4),
+        Native(40, 2),
+        Native(46, 2),
+        Cut(40, 8),
+    ];
+    for (i, step) in script.into_iter().enumerate() {
+        let (k, f) = (kernel.call(step), fake_call(&mut fake, step));
+        check!(k == f, "step {i} {step:?}: kernel {k:?}, fake {f:?}");
+    }
+    eprintln!("{} calls: fake == kernel at every step", script.len());
+    Ok(())
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `VmPin` of this process in KiB (pages pinned for DMA).
+fn vm_pin_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmPin:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(u64::MAX)
+}
+
+/// Dropping every object returns fds and pinned pages to their baseline, and the device
+/// can be assigned again.
+fn teardown_leaves_no_fds_or_pins() -> Result<(), Failed> {
+    let (fds0, pin0) = (open_fds(), vm_pin_kib());
+    for round in 0..2 {
+        let len = 64 * PAGE;
+        let (mut space, edu, shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
+        space
+            .convert(GPA + 8 * PAGE, 8 * PAGE, PageState::Private, false)
+            .or_fail("convert")?;
+        dma_works(&edu, &mut view, 0, GPA, round)?;
+        let pinned = vm_pin_kib();
+        check!(
+            pinned >= pin0 + 56 * 4,
+            "expected ≥ 224 KiB pinned while mapped, VmPin {pin0} → {pinned} KiB"
+        );
+        drop((edu, space, view, shared));
+        let (fds, pin) = (open_fds(), vm_pin_kib());
+        check!(
+            fds == fds0,
+            "round {round}: {fds0} fds before, {fds} after dropping everything"
+        );
+        check!(
+            pin == pin0,
+            "round {round}: VmPin {pin0} KiB before, {pin} KiB after"
+        );
+    }
+    Ok(())
+}
+
+/// The legacy VFIO type1 backend behind the same DmaSpace: VA mappings only, one area per
+/// granule, conversions proven with DMA through a device fd from the group.
+fn legacy_container_space_maps_by_va_per_granule() -> Result<(), Failed> {
+    use vfio_gmem::mapper::Backend;
+    use vfio_gmem::vfio::{Bdf, Container, Group, PciSysfs};
+    let bdf = pci::edu_devices()
+        .into_iter()
+        .next()
+        .ok_or("no edu device")?;
+    pci::bind_vfio_pci(&bdf).or_fail("bind edu to vfio-pci")?;
+    let bdf: Bdf = bdf.parse().or_fail("bdf")?;
+    let group_id = PciSysfs::new()
+        .device(bdf)
+        .or_fail("sysfs")?
+        .iommu_group
+        .ok_or("no IOMMU group")?;
+    let group = Group::open(group_id).or_fail("open group")?;
+    let container = Container::open().or_fail("open container")?;
+    container.add_group(&group).or_fail("add group")?;
+    let edu = Edu::new(group.device(bdf).or_fail("device fd")?).or_fail("edu")?;
+
+    let len = 16 * PAGE;
+    let vm = arc_vm(VmType::SwProtected)?;
+    let shared = Memfd::new("vm-dma-legacy", len).or_fail("memfd")?;
+    let mut view = shared.mmap().or_fail("mmap")?;
+    let mut space = DmaSpace::with_mapper(Box::new(container), Some(vm), SpaceOptions::default());
+    check!(
+        space.backend() == Backend::LegacyType1,
+        "backend {}",
+        space.backend()
+    );
+    space
+        .add_region(
+            GuestRegion::new(
+                GPA,
+                len,
+                SharedMemory::File {
+                    fd: dup(shared.file())?,
+                    offset: 0,
+                },
+            )
+            .convertible(PageState::Shared),
+        )
+        .or_fail("add region")?;
+    let r = &space.regions()[0];
+    check!(
+        matches!(r.path, MapPath::VirtualAddress { .. }) && r.strategy == "pergranule",
+        "legacy region {r:?}"
+    );
+    check!(r.areas == 16, "one area per 4 KiB granule, got {}", r.areas);
+    // The space maps its own mmap of the memfd; the test's view is a second mapping of
+    // the same pages, so DMA results show up there.
+    space
+        .convert(GPA + 4 * PAGE, 2 * PAGE, PageState::Private, false)
+        .or_fail("to private")?;
+    dma_refused(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE)?;
+    dma_works(&edu, &mut view, (6 * PAGE) as usize, GPA + 6 * PAGE, 1)?;
+    space
+        .convert(GPA + 4 * PAGE, 2 * PAGE, PageState::Shared, false)
+        .or_fail("to shared")?;
+    dma_works(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE, 2)?;
+    drop(space);
+    drop(group);
     Ok(())
 }

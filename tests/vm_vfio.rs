@@ -64,6 +64,11 @@ fn main() {
             "legacy_second_group_open_refused",
             legacy_second_group_open_refused,
         ),
+        ("no_irq_remap_is_explained", no_irq_remap_is_explained),
+        (
+            "non_viable_group_named_then_taken_over_and_restored",
+            non_viable_group_named_then_taken_over_and_restored,
+        ),
     ]);
 }
 
@@ -223,7 +228,7 @@ fn bind_unbind_round_trip_restores_drivers() -> Result<(), Failed> {
     );
     let state = std::fs::read_to_string(binder.state_file()).or_fail("state file")?;
     check!(
-        state.contains(&format!("{bdf} -")),
+        state.contains(&format!("{bdf}\t-\t-")),
         "state file lacks {bdf}: {state:?}"
     );
     binder.bind(bdf).or_fail("second bind is a no-op")?;
@@ -640,5 +645,152 @@ fn legacy_second_group_open_refused() -> Result<(), Failed> {
         eng.bar0().read_u32(edu::REG_ID) & 0xff == 0xed,
         "first user lost the device"
     );
+    Ok(())
+}
+
+/// Without interrupt remapping (virtio-iommu on x86) and without the unsafe-interrupts
+/// override, both paths refuse the device with EPERM; the error must explain why and what
+/// the override risks. Only meaningful when the VM runs with the override turned off:
+///   scripts/vm-run --iommu virtio --append "iommufd.allow_unsafe_interrupts=0
+///   vfio_iommu_type1.allow_unsafe_interrupts=0" -- <vm_vfio binary> no_irq_remap
+/// Elsewhere it checks that the override or remapping is in place and binding works.
+fn no_irq_remap_is_explained() -> Result<(), Failed> {
+    let param = |m: &str| {
+        std::fs::read_to_string(format!(
+            "/sys/module/{m}/parameters/allow_unsafe_interrupts"
+        ))
+        .map(|s| s.trim() == "Y")
+        .unwrap_or(false)
+    };
+    let unsafe_ok = param("iommufd");
+    let virtio = support::vm_iommu().as_deref() == Some("virtio");
+    let bdf = bound_edu(0)?;
+    let iommufd = RawIommufd::open().or_fail("iommufd")?;
+    let dev = Device::open_pci(bdf).or_fail("open cdev")?;
+    let r = dev.bind_iommufd(iommufd.fd.as_fd());
+    if virtio && !unsafe_ok {
+        let e = r
+            .err()
+            .ok_or("bind succeeded without interrupt remapping")?;
+        check!(e.errno() == Some(libc::EPERM), "{e}");
+        check!(
+            e.to_string().contains("iommufd.allow_unsafe_interrupts=1"),
+            "{e}"
+        );
+        eprintln!("cdev: {e}");
+        drop(dev);
+        let g = PciSysfs::new()
+            .device(bdf)
+            .or_fail("dev")?
+            .iommu_group
+            .ok_or("group")?;
+        let c = Container::open().or_fail("container")?;
+        let grp = Group::open(g).or_fail("group")?;
+        if !param("vfio_iommu_type1") {
+            let e = c.add_group(&grp).err().ok_or("type1 attach succeeded")?;
+            check!(e.errno() == Some(libc::EPERM), "{e}");
+            check!(
+                e.to_string()
+                    .contains("vfio_iommu_type1.allow_unsafe_interrupts=1"),
+                "{e}"
+            );
+            eprintln!("legacy: {e}");
+        }
+    } else {
+        r.or_fail("bind with remapping or the override")?;
+    }
+    Ok(())
+}
+
+fn sysfs_write(path: String, value: &str) -> Result<(), Failed> {
+    std::fs::write(&path, value).or_fail(&format!("write {value:?} to {path}"))
+}
+
+/// Forces `driver` onto `bdf` the way a user would: driver_override + drivers_probe.
+fn force_driver(bdf: &str, driver: &str) -> Result<(), Failed> {
+    sysfs_write(
+        format!("/sys/bus/pci/devices/{bdf}/driver_override"),
+        driver,
+    )?;
+    sysfs_write("/sys/bus/pci/drivers_probe".into(), bdf)?;
+    let now = pci::driver(bdf);
+    check!(
+        now.as_deref() == Some(driver),
+        "{bdf} took {now:?}, not {driver}"
+    );
+    Ok(())
+}
+
+/// A real non-viable group: the ICH9 group (00:1f.0 LPC, 00:1f.2 SATA, 00:1f.3 SMBus) with
+/// the SMBus function forced onto iosf_mbi_pci (a built-in driver whose probe only
+/// enables the device, and which is not driver_managed_dma) and SATA on vfio-pci.
+fn non_viable_group_named_then_taken_over_and_restored() -> Result<(), Failed> {
+    let (lpc, sata, smbus) = ("0000:00:1f.0", "0000:00:1f.2", "0000:00:1f.3");
+    force_driver(smbus, "iosf_mbi_pci")?;
+    force_driver(sata, "vfio-pci")?;
+    let s = PciSysfs::new();
+    let sata_bdf: Bdf = sata.parse().unwrap();
+    let g = s
+        .device(sata_bdf)
+        .or_fail("sata")?
+        .iommu_group
+        .ok_or("no group")?;
+    let r = s.readiness(sata_bdf).or_fail("readiness")?;
+    let Readiness::NotReady(why) = r else {
+        return Err(format!("non-viable group reported ready: {r:?}").into());
+    };
+    check!(
+        why.to_string()
+            .contains(&format!("{smbus} is bound to iosf_mbi_pci")),
+        "{why}"
+    );
+    // The kernel agrees (VFIO_GROUP_GET_STATUS), and the error names the member.
+    let e = Group::open(g).err().ok_or("opened a non-viable group")?;
+    check!(
+        matches!(&e, VfioError::GroupNotViable { member, driver, .. }
+            if member.to_string() == smbus && driver == "iosf_mbi_pci"),
+        "{e}"
+    );
+    // The cdev path refuses too.
+    let dev = Device::open_pci(sata_bdf).or_fail("open sata cdev")?;
+    let fd = RawIommufd::open().or_fail("iommufd")?;
+    let e = dev
+        .bind_iommufd(fd.fd.as_fd())
+        .err()
+        .ok_or("bound a device of a non-viable group")?;
+    check!(
+        matches!(&e, VfioError::GroupNotViable { member, .. } if member.to_string() == smbus),
+        "cdev bind in a non-viable group: {e}"
+    );
+    drop(dev);
+    // bind takes the whole group over, recording iosf_mbi_pci and its override ...
+    let plan = Binder::new().bind(sata_bdf).or_fail("bind the group")?;
+    check!(plan.group == g, "plan for group {}", plan.group);
+    for m in s.group_members(g).or_fail("members")? {
+        check!(m.is_vfio_bound(), "{} on {:?} after bind", m.bdf, m.driver);
+    }
+    drop(Group::open(g).or_fail("group viable after bind")?);
+    // ... and unbind restores it: SMBus back on iosf_mbi_pci with its override, LPC
+    // unbound as it was, SATA (bound by hand, no record) handed to the kernel's choice.
+    let restored = Binder::new().unbind(sata_bdf).or_fail("unbind the group")?;
+    check!(restored.len() == 3, "restored {restored:?}");
+    let sm = s.device(smbus.parse().unwrap()).or_fail("smbus")?;
+    check!(
+        sm.driver.as_deref() == Some("iosf_mbi_pci")
+            && sm.driver_override.as_deref() == Some("iosf_mbi_pci"),
+        "SMBus after unbind: {sm:?}"
+    );
+    check!(pci::driver(lpc).is_none(), "LPC has {:?}", pci::driver(lpc));
+    check!(
+        pci::driver(sata).is_none(),
+        "SATA has {:?}",
+        pci::driver(sata)
+    );
+    // Leave the group as the VM booted.
+    sysfs_write(format!("/sys/bus/pci/devices/{smbus}/driver/unbind"), smbus)?;
+    sysfs_write(
+        format!("/sys/bus/pci/devices/{smbus}/driver_override"),
+        "\n",
+    )?;
     Ok(())
 }

@@ -9,6 +9,7 @@
 
 use std::io;
 use std::os::fd::AsFd;
+use std::sync::atomic::Ordering;
 
 use super::error::{Error, Span};
 use super::ioas::Ioas;
@@ -48,6 +49,7 @@ impl Iommufd {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn clear_compat_ioas(&self) -> Result<()> {
+        self.compat_epoch.fetch_add(1, Ordering::Relaxed);
         vfio_ioas(self, iu::iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_CLEAR, 0)
             .map(drop)
             .map_err(|e| self.err("IOMMU_VFIO_IOAS clear", e))
@@ -65,6 +67,7 @@ impl Ioas {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn set_compat(&self) -> Result<()> {
+        self.iommufd().compat_epoch.fetch_add(1, Ordering::Relaxed);
         vfio_ioas(
             self.iommufd(),
             iu::iommufd_vfio_ioas_op_IOMMU_VFIO_IOAS_SET,
@@ -102,19 +105,25 @@ impl Ioas {
     pub fn cut_unmap(&self, iova: u64, len: u64) -> Result<u64> {
         let mut areas = self.lock();
         let span = Span::new(iova, len);
-        let current = self.iommufd().compat_ioas_id()?;
-        if current != Some(self.id()) {
-            return Err(Error::NotCompatIoas {
-                ioas: self.id(),
-                fd: self.iommufd().raw(),
-                current,
-            });
-        }
-        if self.huge_pages()? {
-            return Err(Error::CutNeedsSmallPages {
-                ioas: self.id(),
-                span,
-            });
+        // The preconditions cost two ioctls to check; they are checked once and then
+        // trusted until this library changes the compat IOAS or this IOAS's huge pages.
+        let epoch = self.iommufd().compat_epoch.load(Ordering::Relaxed) + 1;
+        if self.cut_verified.load(Ordering::Relaxed) != epoch {
+            let current = self.iommufd().compat_ioas_id()?;
+            if current != Some(self.id()) {
+                return Err(Error::NotCompatIoas {
+                    ioas: self.id(),
+                    fd: self.iommufd().raw(),
+                    current,
+                });
+            }
+            if self.huge_pages()? {
+                return Err(Error::CutNeedsSmallPages {
+                    ioas: self.id(),
+                    span,
+                });
+            }
+            self.cut_verified.store(epoch, Ordering::Relaxed);
         }
         let Some(last) = iova.checked_add(len.wrapping_sub(1)).filter(|_| len > 0) else {
             return Err(self.err(

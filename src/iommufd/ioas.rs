@@ -46,6 +46,9 @@ pub struct Ioas {
     iommufd: Arc<Iommufd>,
     id: u32,
     pub(super) areas: Mutex<Areas>,
+    /// `compat_epoch + 1` of the iommufd when the cut preconditions (compat IOAS, huge
+    /// pages off) were last verified; 0 = not verified.
+    pub(super) cut_verified: std::sync::atomic::AtomicU64,
 }
 
 fn map_flags(iova: Iova, access: Access) -> u32 {
@@ -103,6 +106,7 @@ impl Ioas {
             iommufd: Arc::clone(iommufd),
             id: a.out_ioas_id,
             areas: Mutex::new(Areas::default()),
+            cut_verified: Default::default(),
         })
     }
 
@@ -449,6 +453,8 @@ impl Ioas {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn set_huge_pages(&self, on: bool) -> Result<()> {
+        self.cut_verified
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.iommufd
             .option(
                 iu::iommufd_option_IOMMU_OPTION_HUGE_PAGES,

@@ -36,6 +36,11 @@ pub enum RlimitMode {
 #[derive(Debug)]
 pub struct Iommufd {
     fd: OwnedFd,
+    /// Bumped whenever this library changes the compat IOAS, so an [`Ioas`] knows when
+    /// its verified cut preconditions may have gone stale.
+    ///
+    /// [`Ioas`]: super::Ioas
+    pub(super) compat_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl Iommufd {
@@ -65,7 +70,10 @@ impl Iommufd {
             .write(true)
             .open(path)
             .map_err(|e| Error::open(path.to_owned(), e))?;
-        Ok(Iommufd { fd: file.into() })
+        Ok(Iommufd {
+            fd: file.into(),
+            compat_epoch: Default::default(),
+        })
     }
 
     /// Adopts an already open iommufd (e.g. received over SCM_RIGHTS from a privileged
@@ -78,7 +86,10 @@ impl Iommufd {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn from_fd(fd: OwnedFd) -> Result<Self> {
-        let me = Iommufd { fd };
+        let me = Iommufd {
+            fd,
+            compat_epoch: Default::default(),
+        };
         // Reading a global option is harmless and only an iommufd answers it.
         me.rlimit_mode().map_err(|e| Error::Ioctl {
             op: "adopt iommufd (IOMMU_OPTION get)",

@@ -24,8 +24,13 @@ pub enum MemberAction {
     AlreadyVfio { bdf: Bdf },
     /// Left alone: a bridge or a driver that does no DMA of its own (pcieport, pci-stub).
     Leave { bdf: Bdf, driver: Option<String> },
-    /// Moved to vfio-pci; `from` is the driver it leaves (restored by unbind).
-    Rebind { bdf: Bdf, from: Option<String> },
+    /// Moved to vfio-pci; `from` is the driver it leaves and `from_override` its
+    /// `driver_override` (both restored by unbind).
+    Rebind {
+        bdf: Bdf,
+        from: Option<String>,
+        from_override: Option<String>,
+    },
 }
 
 /// The members of one IOMMU group and what `bind` will do with each.
@@ -33,6 +38,13 @@ pub enum MemberAction {
 pub struct BindPlan {
     pub group: u32,
     pub actions: Vec<MemberAction>,
+}
+
+/// What a member had before `bind` moved it: restored by `unbind`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Previous {
+    pub driver: Option<String>,
+    pub driver_override: Option<String>,
 }
 
 /// One member given back by `unbind`, and the driver it now has.
@@ -114,6 +126,7 @@ impl Binder {
     /// Binds every member of `bdf`'s IOMMU group to vfio-pci (bridges and benign drivers
     /// stay). If any member fails, the members already moved go back to their drivers.
     pub fn bind(&self, bdf: Bdf) -> Result<BindPlan> {
+        let _lock = StateLock::take(&self.state)?;
         let plan = self.plan(bdf)?;
         let ops = SysfsOps(&self.sysfs);
         let mut state = StateFile::load(&self.state)?;
@@ -127,6 +140,7 @@ impl Binder {
     /// [`VfioError::InUse`], changing nothing, if a member's VFIO node is open (the
     /// kernel's unbind would block until it is closed).
     pub fn unbind(&self, bdf: Bdf) -> Result<Vec<Restored>> {
+        let _lock = StateLock::take(&self.state)?;
         let dev = self.sysfs.device(bdf)?;
         let members = match dev.iommu_group {
             Some(g) => self.sysfs.group_members(g)?,
@@ -149,15 +163,9 @@ impl Binder {
         let ops = SysfsOps(&self.sysfs);
         let mut out = Vec::new();
         for m in targets {
-            let previous = state.get(m.bdf).cloned().flatten();
-            let recorded = state.get(m.bdf).is_some();
-            restore(
-                &ops,
-                m.bdf,
-                m.driver.as_deref(),
-                previous.as_deref(),
-                !recorded,
-            )?;
+            let record = state.get(m.bdf).cloned();
+            restore(&ops, m.bdf, m.driver.as_deref(), record.as_ref())?;
+            let previous = record.and_then(|r| r.driver);
             state.remove(m.bdf);
             state.save()?;
             out.push(Restored {
@@ -222,6 +230,7 @@ pub fn plan_group(group: u32, members: &[PciDevice]) -> Result<BindPlan> {
             _ => MemberAction::Rebind {
                 bdf: m.bdf,
                 from: driver,
+                from_override: m.driver_override.clone(),
             },
         };
         actions.push(action);
@@ -236,8 +245,6 @@ pub(crate) trait DriverOps {
     /// Sets (`Some`) or clears (`None`) `driver_override`.
     fn set_override(&self, bdf: Bdf, driver: Option<&str>) -> Result<()>;
     fn unbind(&self, bdf: Bdf) -> Result<()>;
-    /// Binds to a named driver (`drivers/<name>/bind`).
-    fn bind_to(&self, bdf: Bdf, driver: &str) -> Result<()>;
     /// Lets the kernel pick a driver (`drivers_probe`).
     fn probe(&self, bdf: Bdf) -> Result<()>;
 }
@@ -263,9 +270,6 @@ impl DriverOps for SysfsOps<'_> {
             &bdf.to_string(),
         )
     }
-    fn bind_to(&self, bdf: Bdf, driver: &str) -> Result<()> {
-        write_sysfs(self.0.driver_dir(driver).join("bind"), &bdf.to_string())
-    }
     fn probe(&self, bdf: Bdf) -> Result<()> {
         write_sysfs(self.0.drivers_probe(), &bdf.to_string())
     }
@@ -278,21 +282,30 @@ pub(crate) fn apply_bind(
     plan: &BindPlan,
     state: &mut StateFile,
 ) -> Result<()> {
-    let mut done: Vec<(Bdf, Option<String>)> = Vec::new();
+    let mut done: Vec<(Bdf, Previous)> = Vec::new();
     for action in &plan.actions {
-        let MemberAction::Rebind { bdf, from } = action else {
+        let MemberAction::Rebind {
+            bdf,
+            from,
+            from_override,
+        } = action
+        else {
             continue;
+        };
+        let prev = Previous {
+            driver: from.clone(),
+            driver_override: from_override.clone(),
         };
         // Record first: if we die half-way, a later unbind still knows what to restore.
         // A member to move is not vfio-bound now, so any older record for it is stale.
-        state.set(*bdf, from.clone());
+        state.set(*bdf, prev.clone());
         state.save()?;
-        done.push((*bdf, from.clone()));
+        done.push((*bdf, prev));
         if let Err(e) = move_to_vfio(ops, *bdf, from.as_deref()) {
             for (b, prev) in done.iter().rev() {
                 let cur = ops.driver(*b).ok().flatten();
                 // Best effort: the original error is what the caller needs to see.
-                let _ = restore(ops, *b, cur.as_deref(), prev.as_deref(), false);
+                let _ = restore(ops, *b, cur.as_deref(), Some(prev));
                 state.remove(*b);
             }
             let _ = state.save();
@@ -317,36 +330,74 @@ fn move_to_vfio(ops: &dyn DriverOps, bdf: Bdf, from: Option<&str>) -> Result<()>
     }
 }
 
-/// Gives `bdf` back: clear the override, leave `current`, and bind `previous` (or, when
-/// `probe_if_none`, let the kernel choose).
+/// Gives `bdf` back: leave `current`, then bind the recorded driver and put back the
+/// recorded `driver_override`. The recorded driver is forced through a temporary override
+/// (it may have owned the device only through one); if it cannot take the device (e.g. a
+/// module since unloaded), the kernel chooses. With no record, the override is cleared
+/// and the kernel chooses.
 fn restore(
     ops: &dyn DriverOps,
     bdf: Bdf,
     current: Option<&str>,
-    previous: Option<&str>,
-    probe_if_none: bool,
+    previous: Option<&Previous>,
 ) -> Result<()> {
-    ops.set_override(bdf, None)?;
     if current.is_some() {
         ops.unbind(bdf)?;
     }
-    // The named driver may refuse (e.g. it was a module since unloaded): fall back to the
-    // kernel's choice rather than leaving the device orphaned.
-    match previous {
-        Some(d) if ops.bind_to(bdf, d).is_ok() => {}
-        Some(_) => ops.probe(bdf)?,
-        None if probe_if_none => ops.probe(bdf)?,
-        None => {}
+    let Some(prev) = previous else {
+        ops.set_override(bdf, None)?;
+        return ops.probe(bdf);
+    };
+    if let Some(d) = prev.driver.as_deref() {
+        ops.set_override(bdf, Some(d))?;
+        ops.probe(bdf)?;
+        if ops.driver(bdf)?.as_deref() == Some(d) {
+            return ops.set_override(bdf, prev.driver_override.as_deref());
+        }
+    }
+    ops.set_override(bdf, prev.driver_override.as_deref())?;
+    if prev.driver.is_some() {
+        ops.probe(bdf)?;
     }
     Ok(())
 }
 
-/// The previous-driver records: one line per moved device, `<bdf> <driver>` (the driver
-/// name runs to the end of the line) or `<bdf> -` for "no driver".
+/// An exclusive advisory lock (`flock`) on `<state>.lock`, held for a whole bind or
+/// unbind so that two processes do not interleave their sysfs writes and records.
+struct StateLock {
+    _file: fs::File,
+}
+
+impl StateLock {
+    fn take(state: &Path) -> Result<StateLock> {
+        let path = state.with_extension("lock");
+        let err = |e| VfioError::sysfs(&path, e);
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(err)?;
+        }
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(err)?;
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; no memory is passed. The lock is released
+        // when the file is closed (dropped).
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(err(io::Error::last_os_error()));
+        }
+        Ok(StateLock { _file: f })
+    }
+}
+
+/// The previous-driver records: one line per moved device,
+/// `<bdf>\t<driver>\t<driver_override>`, `-` for "none" (driver names may contain spaces,
+/// e.g. "i6300ESB timer", hence tabs).
 #[derive(Debug)]
 pub(crate) struct StateFile {
     path: PathBuf,
-    entries: BTreeMap<Bdf, Option<String>>,
+    entries: BTreeMap<Bdf, Previous>,
 }
 
 impl StateFile {
@@ -361,11 +412,11 @@ impl StateFile {
             entries: parse_state(&text),
         })
     }
-    pub(crate) fn get(&self, bdf: Bdf) -> Option<&Option<String>> {
+    pub(crate) fn get(&self, bdf: Bdf) -> Option<&Previous> {
         self.entries.get(&bdf)
     }
-    pub(crate) fn set(&mut self, bdf: Bdf, driver: Option<String>) {
-        self.entries.insert(bdf, driver);
+    pub(crate) fn set(&mut self, bdf: Bdf, prev: Previous) {
+        self.entries.insert(bdf, prev);
     }
     pub(crate) fn remove(&mut self, bdf: Bdf) {
         self.entries.remove(&bdf);
@@ -382,25 +433,38 @@ impl StateFile {
     }
 }
 
-fn parse_state(text: &str) -> BTreeMap<Bdf, Option<String>> {
-    // The driver is the rest of the line: sysfs driver names may contain spaces
-    // (e.g. "i6300ESB timer").
+fn parse_state(text: &str) -> BTreeMap<Bdf, Previous> {
+    let field = |f: Option<&str>| {
+        f.map(str::trim)
+            .filter(|f| !f.is_empty() && *f != "-")
+            .map(str::to_string)
+    };
     text.lines()
         .filter_map(|l| {
-            let (bdf, drv) = l.split_once(' ')?;
-            let drv = drv.trim();
-            if drv.is_empty() {
-                return None;
-            }
-            Some((bdf.parse().ok()?, (drv != "-").then(|| drv.to_string())))
+            let mut it = l.split('\t');
+            let bdf = it.next()?.trim().parse().ok()?;
+            let driver = it.next()?;
+            Some((
+                bdf,
+                Previous {
+                    driver: field(Some(driver)),
+                    driver_override: field(it.next()),
+                },
+            ))
         })
         .collect()
 }
 
-fn format_state(entries: &BTreeMap<Bdf, Option<String>>) -> String {
+fn format_state(entries: &BTreeMap<Bdf, Previous>) -> String {
     entries
         .iter()
-        .map(|(b, d)| format!("{b} {}\n", d.as_deref().unwrap_or("-")))
+        .map(|(b, p)| {
+            format!(
+                "{b}\t{}\t{}\n",
+                p.driver.as_deref().unwrap_or("-"),
+                p.driver_override.as_deref().unwrap_or("-")
+            )
+        })
         .collect()
 }
 

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use super::error::{Result, VfioError, NO_IRQ_REMAP_HINT};
 use super::irq::{irq_set_buf, EventFd, IrqInfo, IrqKind};
 use super::region::{parse_region_caps, BarMapping, RegionInfo};
-use super::sysfs::PciSysfs;
+use super::sysfs::{PciSysfs, Viability};
 use super::Bdf;
 use crate::sys::{self, vfio_uapi as vu};
 
@@ -61,6 +61,8 @@ impl DeviceInfo {
 pub struct Device {
     file: File,
     name: String,
+    /// The PCI device and sysfs view, when known: used to explain ambiguous errors.
+    pci: Option<(PciSysfs, Bdf)>,
     config_offset: OnceLock<u64>,
 }
 
@@ -95,7 +97,22 @@ impl Device {
                     source: e,
                 }
             })?;
-        Ok(Device::from_file(file, path.display().to_string()))
+        let mut dev = Device::from_file(file, path.display().to_string());
+        // /sys/class/vfio-dev/vfioN/device links to the PCI device.
+        let sysfs = PciSysfs::new();
+        dev.pci = path
+            .file_name()
+            .map(|n| {
+                sysfs
+                    .sys_root()
+                    .join("class/vfio-dev")
+                    .join(n)
+                    .join("device")
+            })
+            .and_then(|l| std::fs::read_link(l).ok())
+            .and_then(|t| t.file_name()?.to_str()?.parse().ok())
+            .map(|bdf| (sysfs, bdf));
+        Ok(dev)
     }
 
     /// Opens the cdev of a PCI device bound to vfio-pci, found through sysfs.
@@ -119,6 +136,7 @@ impl Device {
         };
         let mut dev = Self::open_cdev(cdev)?;
         dev.name = bdf.to_string();
+        dev.pci = Some((sysfs.clone(), bdf));
         Ok(dev)
     }
 
@@ -132,6 +150,7 @@ impl Device {
         Device {
             file,
             name,
+            pci: None,
             config_offset: OnceLock::new(),
         }
     }
@@ -153,6 +172,13 @@ impl Device {
         b.iommufd = iommufd.as_raw_fd();
         sys::ioctl_mut(self.file.as_fd(), sys::VFIO_DEVICE_BIND_IOMMUFD, &mut b).map_err(
             |e| {
+                // EPERM has two causes: another owner of the group's DMA (a member on a
+                // kernel driver: a non-viable group), or no interrupt remapping.
+                if e.raw_os_error() == Some(libc::EPERM) {
+                    if let Some(err) = self.non_viable_group() {
+                        return err;
+                    }
+                }
                 let hint = match e.raw_os_error() {
                     Some(libc::EPERM) => NO_IRQ_REMAP_HINT,
                     Some(libc::EINVAL) => ": the device is already bound, through this fd or another open of its cdev (VFIO allows one user per device); close the other user first",
@@ -163,6 +189,20 @@ impl Device {
             },
         )?;
         Ok(b.out_devid)
+    }
+
+    /// The group-not-viable error for this device's group, if sysfs shows one.
+    fn non_viable_group(&self) -> Option<VfioError> {
+        let (sysfs, bdf) = self.pci.as_ref()?;
+        let group = sysfs.device(*bdf).ok()?.iommu_group?;
+        match sysfs.group_viability(group).ok()? {
+            Viability::NotViable { member, driver } => Some(VfioError::GroupNotViable {
+                group,
+                member,
+                driver,
+            }),
+            Viability::Viable => None,
+        }
     }
 
     /// Attaches the device to an IOAS or HWPT (`pt_id`); returns the id of the HWPT now

@@ -110,11 +110,12 @@ impl VfioError {
 pub type Result<T, E = VfioError> = std::result::Result<T, E>;
 
 /// Hint for EPERM from VFIO_DEVICE_BIND_IOMMUFD / group attach without interrupt remapping.
-pub(crate) const NO_IRQ_REMAP_HINT: &str = ": the platform has no interrupt remapping, so \
-    the kernel refuses device assignment (a device could forge MSIs to any CPU/vector). If \
-    you accept that risk (trusted device, e.g. in a test VM with virtio-iommu), boot with \
-    iommufd.allow_unsafe_interrupts=1 (cdev path) or vfio_iommu_type1.allow_unsafe_interrupts=1 \
-    (legacy path)";
+pub(crate) const NO_IRQ_REMAP_HINT: &str = ": the kernel refuses device assignment without \
+    interrupt remapping (a device could forge MSIs to any CPU/vector), and this platform \
+    appears to lack it. If you accept that risk (trusted device, e.g. a test VM with \
+    virtio-iommu), boot with iommufd.allow_unsafe_interrupts=1 (cdev path) or \
+    vfio_iommu_type1.allow_unsafe_interrupts=1 (legacy path). If the platform does remap \
+    interrupts, another owner holds the device's IOMMU group instead";
 
 /// Hint for ENOMEM from type1 DMA mapping, which pins pages against RLIMIT_MEMLOCK.
 pub(crate) const MEMLOCK_HINT: &str = ": type1 pins every mapped page and counts it against \

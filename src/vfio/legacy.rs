@@ -129,6 +129,8 @@ impl Container {
                 vu::VFIO_TYPE1v2_IOMMU as libc::c_ulong,
             )
             .map_err(|e| {
+                // Leave the group as we found it: out of the container.
+                let _ = sys::ioctl_val(group.file.as_fd(), sys::VFIO_GROUP_UNSET_CONTAINER, 0);
                 let hint = match e.raw_os_error() {
                     Some(libc::EPERM) => NO_IRQ_REMAP_HINT,
                     _ => "",

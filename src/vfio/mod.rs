@@ -24,7 +24,7 @@ pub mod sysfs;
 mod testing;
 
 pub use bdf::{Bdf, BdfParseError};
-pub use bind::{BindPlan, Binder, MemberAction, Restored};
+pub use bind::{BindPlan, Binder, MemberAction, Previous, Restored};
 pub use device::{Device, DeviceInfo};
 pub use error::{Result, VfioError};
 pub use irq::{EventFd, IrqInfo, IrqKind};

@@ -242,6 +242,11 @@ impl BarMapping {
     }
 }
 
+// SAFETY: a BarMapping owns its address range outright (no aliasing Rust references
+// exist into it) and unmaps it from Drop, so moving it to another thread is sound. It is
+// deliberately not Sync: concurrent MMIO from several threads needs the caller's design.
+unsafe impl Send for BarMapping {}
+
 impl Drop for BarMapping {
     fn drop(&mut self) {
         mmio::unmap(self.base, self.len);

@@ -8,8 +8,8 @@ fn bdf(s: &str) -> Bdf {
     s.parse().unwrap()
 }
 
-/// A model of the kernel's driver core: `driver_override` wins at probe time, otherwise
-/// the device's default driver; named binds succeed only for that default driver.
+/// A model of the kernel's driver core: `driver_override` wins at probe time (if that
+/// driver is loaded), otherwise the device's default driver.
 #[derive(Default)]
 struct Kernel {
     driver: RefCell<BTreeMap<Bdf, Option<String>>>,
@@ -17,6 +17,8 @@ struct Kernel {
     default: BTreeMap<Bdf, String>,
     /// Probing this device with vfio-pci fails (e.g. the device refuses).
     refuse_vfio: Option<Bdf>,
+    /// Drivers that are not loaded: an override naming one binds nothing.
+    missing: Vec<&'static str>,
     log: RefCell<Vec<String>>,
 }
 
@@ -50,22 +52,12 @@ impl DriverOps for Kernel {
         self.driver.borrow_mut().insert(b, None);
         Ok(())
     }
-    fn bind_to(&self, b: Bdf, d: &str) -> Result<()> {
-        self.log.borrow_mut().push(format!("bind {b} {d}"));
-        if self.default.get(&b).map(String::as_str) != Some(d) {
-            return Err(VfioError::sysfs(
-                "bind",
-                io::Error::from_raw_os_error(libc::ENODEV),
-            ));
-        }
-        self.driver.borrow_mut().insert(b, Some(d.to_string()));
-        Ok(())
-    }
     fn probe(&self, b: Bdf) -> Result<()> {
         self.log.borrow_mut().push(format!("probe {b}"));
         let over = self.over.borrow().get(&b).cloned().flatten();
         let pick = match over {
             Some(d) if d == VFIO_PCI && self.refuse_vfio == Some(b) => None,
+            Some(d) if self.missing.contains(&d.as_str()) => None,
             Some(d) => Some(d),
             None => self.default.get(&b).cloned(),
         };
@@ -110,11 +102,13 @@ fn plan_moves_endpoints_and_leaves_bridges_and_benign_drivers() {
             },
             MemberAction::Rebind {
                 bdf: bdf("0000:01:00.0"),
-                from: Some("e1000e".into())
+                from: Some("e1000e".into()),
+                from_override: None,
             },
             MemberAction::Rebind {
                 bdf: bdf("0000:01:00.1"),
-                from: None
+                from: None,
+                from_override: None,
             },
             MemberAction::AlreadyVfio {
                 bdf: bdf("0000:01:00.2")
@@ -156,11 +150,11 @@ fn bind_records_previous_drivers_and_unbind_restores_them() {
     assert_eq!(k.drv("0000:01:00.1").as_deref(), Some("vfio-pci"));
     // Another process reads the records back from the file.
     let text = fs::read_to_string(f.path("run/previous-drivers")).unwrap();
-    assert_eq!(text, "0000:01:00.0 e1000e\n0000:01:00.1 -\n");
+    assert_eq!(text, "0000:01:00.0\te1000e\t-\n0000:01:00.1\t-\t-\n");
     let st2 = state_in(&f);
     for b in ["0000:01:00.0", "0000:01:00.1"] {
-        let prev = st2.get(bdf(b)).cloned().flatten();
-        restore(&k, bdf(b), Some("vfio-pci"), prev.as_deref(), false).unwrap();
+        let prev = st2.get(bdf(b)).cloned();
+        restore(&k, bdf(b), Some("vfio-pci"), prev.as_ref()).unwrap();
     }
     assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("e1000e"));
     assert_eq!(k.drv("0000:01:00.1"), None);
@@ -197,33 +191,52 @@ fn failed_member_rolls_back_the_members_already_moved() {
 }
 
 #[test]
-fn restore_falls_back_to_probe_when_the_named_driver_refuses() {
-    let k = Kernel::with(&[("0000:01:00.0", Some("e1000e"))]);
+fn restore_falls_back_to_the_kernels_choice_when_the_driver_is_gone() {
+    let mut k = Kernel::with(&[("0000:01:00.0", Some("e1000e"))]);
+    k.missing.push("gone_module");
     k.driver
         .borrow_mut()
         .insert(bdf("0000:01:00.0"), Some("vfio-pci".into()));
-    restore(
-        &k,
-        bdf("0000:01:00.0"),
-        Some("vfio-pci"),
-        Some("gone_module"),
-        false,
-    )
-    .unwrap();
+    let prev = Previous {
+        driver: Some("gone_module".into()),
+        driver_override: None,
+    };
+    restore(&k, bdf("0000:01:00.0"), Some("vfio-pci"), Some(&prev)).unwrap();
     assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("e1000e"));
-    assert!(k.log.borrow().iter().any(|l| l == "probe 0000:01:00.0"));
+    assert_eq!(k.over.borrow()[&bdf("0000:01:00.0")], None);
 }
 
 #[test]
-fn state_file_ignores_garbage_lines() {
+fn restore_puts_back_a_driver_that_owned_the_device_through_an_override() {
+    // 01:00.0's default would be none; the user had forced "stub_like" with an override.
+    let k = Kernel::with(&[("0000:01:00.0", None)]);
+    k.driver
+        .borrow_mut()
+        .insert(bdf("0000:01:00.0"), Some("vfio-pci".into()));
+    let prev = Previous {
+        driver: Some("stub_like".into()),
+        driver_override: Some("stub_like".into()),
+    };
+    restore(&k, bdf("0000:01:00.0"), Some("vfio-pci"), Some(&prev)).unwrap();
+    assert_eq!(k.drv("0000:01:00.0").as_deref(), Some("stub_like"));
+    assert_eq!(
+        k.over.borrow()[&bdf("0000:01:00.0")].as_deref(),
+        Some("stub_like")
+    );
+}
+
+#[test]
+fn state_file_round_trips_and_ignores_garbage_lines() {
     let m = parse_state(
-        "0000:00:03.0 e1000e\nnonsense\n0000:00:04.0 -\n00:05.0\n0000:00:02.0 i6300ESB timer\n",
+        "0000:00:03.0\te1000e\t-\nnonsense\n0000:00:04.0\t-\n00:05.0\n0000:00:02.0\ti6300ESB timer\tpci-stub\n",
     );
     assert_eq!(m.len(), 3);
-    assert_eq!(m[&bdf("0000:00:02.0")].as_deref(), Some("i6300ESB timer"));
+    let wd = &m[&bdf("0000:00:02.0")];
+    assert_eq!(wd.driver.as_deref(), Some("i6300ESB timer"));
+    assert_eq!(wd.driver_override.as_deref(), Some("pci-stub"));
+    assert_eq!(m[&bdf("0000:00:03.0")].driver.as_deref(), Some("e1000e"));
+    assert_eq!(m[&bdf("0000:00:04.0")], Previous::default());
     assert_eq!(parse_state(&format_state(&m)), m);
-    assert_eq!(m[&bdf("0000:00:03.0")].as_deref(), Some("e1000e"));
-    assert_eq!(m[&bdf("0000:00:04.0")], None);
 }
 
 #[test]
