@@ -47,6 +47,7 @@ pub fn plan_all(
                 MemberAction::Rebind {
                     bdf: m,
                     from: Some(d),
+                    ..
                 } if !named.contains(m) => Some((*m, d.clone())),
                 _ => None,
             })
@@ -91,7 +92,7 @@ pub fn bind_with(
             let (m, action, before) = match a {
                 MemberAction::AlreadyVfio { bdf } => (*bdf, "already-vfio", None),
                 MemberAction::Leave { bdf, driver } => (*bdf, "left", driver.clone()),
-                MemberAction::Rebind { bdf, from } => (*bdf, "moved", from.clone()),
+                MemberAction::Rebind { bdf, from, .. } => (*bdf, "moved", from.clone()),
             };
             let now = sysfs.device(m).ok().and_then(|d| d.driver);
             rows.push(MemberRow {
