@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Serialize;
 use serde_json::json;
 use vfio_gmem::control::{Command, HELP};
-use vfio_gmem::dma::{DmaSpace, PageState, RegionReport, Stats};
+use vfio_gmem::dma::{CutSupport, DmaSpace, PageState, RegionReport, Stats};
 
 use crate::errors::require_root;
 use crate::setup::{Layout, Session};
@@ -285,7 +285,7 @@ pub fn run(args: &AssignArgs, json: bool) -> anyhow::Result<()> {
         let mem = &session.memory;
         writeln!(
             out,
-            "assigned {} through {:?}; memory: {} of {}{}{}, {}",
+            "assigned {} through {}; memory: {} of {}{}{}, {}",
             devices.join(", "),
             session.backend,
             human_bytes(mem.size),
@@ -303,7 +303,12 @@ pub fn run(args: &AssignArgs, json: bool) -> anyhow::Result<()> {
                 None => "not convertible".into(),
             }
         )?;
-        writeln!(out, "area cutting: {:?}", session.space.cut_support())?;
+        let cut = match session.space.cut_support() {
+            CutSupport::Verified => "verified with the device attached".to_string(),
+            CutSupport::Unavailable(why) => format!("unavailable ({why}); per-granule areas"),
+            CutSupport::NotProbed => "not probed".to_string(),
+        };
+        writeln!(out, "area cutting: {cut}")?;
         write!(out, "{}", render_map(&regions))?;
         writeln!(
             out,

@@ -154,6 +154,17 @@ fn main() {
     env_logger_lite();
     // clap exits 2 on usage errors and 0 for --help/--version.
     let cli = Cli::try_parse().unwrap_or_else(|e| e.exit());
+    if !matches!(cli.command, Command::Assign(_)) {
+        // `vfio-gmem list | head` ends quietly, as Unix filters do. `assign` keeps
+        // SIGPIPE ignored so a closed stdout still ends in a clean teardown.
+        // SAFETY: restoring the default disposition of a signal has no preconditions.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
+    // Whatever goes wrong, the exit code stays one of the documented ones.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("vfio-gmem: internal error: {info}");
+        std::process::exit(errors::EXIT_FAILED);
+    }));
     let code = match run(&cli) {
         Ok(()) => errors::EXIT_OK,
         Err(e) => {

@@ -170,7 +170,7 @@ fn run_layout(
         all.clone(),
         "setup",
         Ok(format!(
-            "{:?}, {} of {}, {}",
+            "{}, {} of {}, {}",
             session.backend,
             crate::table::human_bytes(layout.size),
             session.memory.shared_backing,

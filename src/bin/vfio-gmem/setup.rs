@@ -26,6 +26,15 @@ pub enum Backend {
     Legacy,
 }
 
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Iommufd => "iommufd",
+            Backend::Legacy => "legacy type1 container",
+        })
+    }
+}
+
 /// `auto` → iommufd if `/dev/iommu` exists, else legacy.
 pub fn resolve_iommu(arg: IommuArg, dev_iommu_exists: bool) -> Backend {
     match arg {
