@@ -13,11 +13,14 @@
 //! | [`vfio`] | PCI discovery and binding, VFIO cdev devices, legacy group/container |
 //! | [`gmem`] | guest_memfd creation/adoption and the KVM glue (memory attributes) |
 //! | [`dma`] | guest memory model, the pure conversion planner, executors, the DMA space |
+//! | [`probe`] | the capability report: what this kernel can do, and how each answer is known |
+//! | [`control`] | the line protocol of `vfio-gmem assign` |
 
 pub mod control;
 pub mod dma;
 pub mod gmem;
 pub mod iommufd;
 pub mod mapper;
+pub mod probe;
 pub mod sys;
 pub mod vfio;

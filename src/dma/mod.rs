@@ -42,6 +42,7 @@ pub use model::{Area, Backing, PageState, RegionId, RegionSpec, Strategy, PAGE_S
 pub use pages::PageBitmap;
 pub use plan::{AttributesOp, ConversionRequest, DiscardOp, MapOp, Op, Plan, UnmapKind, UnmapOp};
 pub use ranges::RangeSet;
+pub(crate) use space::probe_cut;
 pub use space::{
     CutSupport, DmaSpace, GuestRegion, MapPath, RegionReport, SharedMemory, SpaceError,
     SpaceOptions,

@@ -623,7 +623,7 @@ fn check_backing_file(fd: &OwnedFd, offset: u64, len: u64) -> Result<(), String>
 /// Proves on the running kernel that an area can be cut: three pages mapped as one area
 /// at the bottom of the usable IOVA space, the middle one cut out, the two pieces then
 /// unmapped natively with exact byte counts.
-fn probe_cut(ioas: &Ioas) -> CutSupport {
+pub(crate) fn probe_cut(ioas: &Ioas) -> CutSupport {
     let run = || -> Result<(), String> {
         let ranges = ioas.iova_ranges().map_err(|e| e.to_string())?;
         let base = ranges

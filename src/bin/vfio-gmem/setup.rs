@@ -1,0 +1,395 @@
+//! Shared by `assign` and `selftest`: checks the devices, creates the guest memory, opens
+//! the IOMMU backend, attaches the devices and maps the memory; tears it all down again.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::Serialize;
+use vfio_gmem::dma::{DmaSpace, GuestRegion, PageState, RegionId, SharedMemory, SpaceOptions};
+use vfio_gmem::gmem::{GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType, HUGE_PAGE_2M};
+use vfio_gmem::iommufd::Iommufd;
+use vfio_gmem::vfio::{Bdf, Container, Device, Group, PciDevice, PciSysfs, Readiness};
+
+use crate::errors::usage;
+use crate::progress::with_spinner;
+use crate::table::human_bytes;
+use crate::{BackingArg, IommuArg};
+
+/// The IOMMU interface in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    Iommufd,
+    Legacy,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Iommufd => "iommufd",
+            Backend::Legacy => "legacy type1 container",
+        })
+    }
+}
+
+/// `auto` → iommufd if `/dev/iommu` exists, else legacy.
+pub fn resolve_iommu(arg: IommuArg, dev_iommu_exists: bool) -> Backend {
+    match arg {
+        IommuArg::Iommufd => Backend::Iommufd,
+        IommuArg::Legacy => Backend::Legacy,
+        IommuArg::Auto if dev_iommu_exists => Backend::Iommufd,
+        IommuArg::Auto => Backend::Legacy,
+    }
+}
+
+/// How the guest memory is laid out.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    pub size: u64,
+    pub gpa: u64,
+    pub backing: BackingArg,
+    /// SW_PROTECTED VM, gmem private + memfd shared, KVM attributes follow conversions.
+    pub confidential: bool,
+    /// Convertible with this initial state even without a confidential VM (selftest:
+    /// IOMMU-side conversions of a shared guest_memfd, no KVM attributes).
+    pub convertible: Option<PageState>,
+}
+
+impl Layout {
+    /// Checks combinations clap cannot; failures are usage errors.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.backing == BackingArg::Hugetlb && self.size % HUGE_PAGE_2M != 0 {
+            return Err(usage(format!(
+                "--memory {:#x}: hugetlb backing needs a multiple of 2 MiB",
+                self.size
+            )));
+        }
+        if self.gpa.checked_add(self.size).is_none() {
+            return Err(usage("--gpa + --memory overflows 64 bits"));
+        }
+        Ok(())
+    }
+
+    fn initial(&self) -> Option<PageState> {
+        if self.confidential {
+            // Confidential guests start with all memory private and share buffers
+            // explicitly, so devices see nothing until the guest shares it.
+            Some(self.convertible.unwrap_or(PageState::Private))
+        } else {
+            self.convertible
+        }
+    }
+}
+
+/// The shared backing's file.
+pub enum SharedFile {
+    Gmem(GuestMemfd),
+    Memfd(Memfd),
+}
+
+impl SharedFile {
+    fn dup(&self) -> std::io::Result<OwnedFd> {
+        match self {
+            SharedFile::Gmem(g) => g.as_fd().try_clone_to_owned(),
+            SharedFile::Memfd(m) => m.as_fd().try_clone_to_owned(),
+        }
+    }
+    /// A CPU view of the shared backing.
+    pub fn mmap(&self) -> anyhow::Result<MappedMemory> {
+        Ok(match self {
+            SharedFile::Gmem(g) => g.mmap()?,
+            SharedFile::Memfd(m) => m.mmap()?,
+        })
+    }
+}
+
+/// What the session's memory is, for reports.
+#[derive(Clone, Debug, Serialize)]
+pub struct MemoryInfo {
+    pub gpa: u64,
+    pub size: u64,
+    pub vm_type: Option<String>,
+    pub shared_backing: String,
+    pub private_backing: Option<String>,
+    pub convertible: bool,
+    pub initial: Option<String>,
+}
+
+pub struct Session {
+    pub backend: Backend,
+    pub space: DmaSpace,
+    pub devices: Vec<(PciDevice, Device)>,
+    pub shared: SharedFile,
+    pub memory: MemoryInfo,
+    pub region: Option<RegionId>,
+    _private: Option<GuestMemfd>,
+    _groups: Vec<Group>,
+}
+
+/// Looks each device up and checks it can be assigned with `backend`.
+pub fn check_devices(
+    sysfs: &PciSysfs,
+    bdfs: &[Bdf],
+    backend: Backend,
+) -> anyhow::Result<Vec<PciDevice>> {
+    let mut out: Vec<PciDevice> = Vec::new();
+    for &bdf in bdfs {
+        if out.iter().any(|d| d.bdf == bdf) {
+            return Err(usage(format!("{bdf} is named twice")));
+        }
+        let dev = sysfs.device(bdf)?;
+        match sysfs.readiness(bdf)? {
+            Readiness::NotReady(why) => {
+                anyhow::bail!("{bdf} cannot be assigned: {why}")
+            }
+            Readiness::Ready {
+                cdev, group_node, ..
+            } => match backend {
+                Backend::Iommufd if cdev.is_none() => anyhow::bail!(
+                    "{bdf} has no VFIO cdev (/dev/vfio/devices/vfioN): this kernel lacks \
+                     CONFIG_VFIO_DEVICE_CDEV; use --iommu legacy"
+                ),
+                Backend::Legacy if group_node.is_none() => anyhow::bail!(
+                    "{bdf}: no /dev/vfio/<group> node: this kernel lacks CONFIG_VFIO_GROUP; \
+                     use --iommu iommufd"
+                ),
+                _ => {}
+            },
+        }
+        out.push(dev);
+    }
+    Ok(out)
+}
+
+fn arc_vm(t: VmType) -> anyhow::Result<KvmVm<Arc<kvm_ioctls::VmFd>>> {
+    let vm = KvmVm::create(t).with_context(|| format!("creating a {t} VM"))?;
+    Ok(KvmVm::from_vm_fd(Arc::new(vm.into_inner()), Some(t)))
+}
+
+impl Session {
+    /// Sets everything up; on failure, whatever was created is dropped (closing fds
+    /// releases devices and mappings).
+    pub fn open(bdfs: &[Bdf], iommu: IommuArg, layout: &Layout) -> anyhow::Result<Session> {
+        layout.validate()?;
+        let backend = resolve_iommu(iommu, Path::new("/dev/iommu").exists());
+        if backend == Backend::Iommufd && !Path::new("/dev/iommu").exists() {
+            anyhow::bail!("--iommu iommufd: /dev/iommu does not exist (kernel without CONFIG_IOMMUFD); use --iommu legacy");
+        }
+        let sysfs = PciSysfs::new();
+        let pci = check_devices(&sysfs, bdfs, backend)?;
+        let size = layout.size;
+
+        // Guest memory.
+        let initial = layout.initial();
+        let shared_memfd = |huge: bool| -> anyhow::Result<Memfd> {
+            if huge {
+                let m = Memfd::hugetlb("vfio-gmem-guest-shared", size)?;
+                with_spinner(
+                    &format!("reserving {} of huge pages", human_bytes(size)),
+                    || m.allocate(0, size),
+                )?;
+                Ok(m)
+            } else {
+                Ok(Memfd::new("vfio-gmem-guest-shared", size)?)
+            }
+        };
+        let (vm, shared, private, info) = if layout.confidential {
+            let vm = arc_vm(VmType::SwProtected)?;
+            if !vm.supports_private() {
+                anyhow::bail!("--confidential: this KVM's SW_PROTECTED VM has no PRIVATE memory attribute (CONFIG_KVM_SW_PROTECTED_VM)");
+            }
+            let private = vm
+                .create_guest_memfd(size, GmemFlags::MMAP)
+                .context("creating the private guest_memfd")?;
+            let huge = layout.backing == BackingArg::Hugetlb;
+            let shared = shared_memfd(huge)?;
+            let info = MemoryInfo {
+                gpa: layout.gpa,
+                size,
+                vm_type: Some("SW_PROTECTED".into()),
+                shared_backing: if huge { "hugetlb memfd" } else { "memfd" }.into(),
+                private_backing: Some("guest_memfd (MMAP)".into()),
+                convertible: true,
+                initial: initial.map(|s| s.to_string()),
+            };
+            (Some(vm), SharedFile::Memfd(shared), Some(private), info)
+        } else {
+            let (vm, shared, desc) = match layout.backing {
+                BackingArg::Gmem => {
+                    let vm = arc_vm(VmType::Default)?;
+                    let g = vm
+                        .create_guest_memfd(size, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
+                        .context("creating the guest_memfd")?;
+                    (
+                        Some(vm),
+                        SharedFile::Gmem(g),
+                        "guest_memfd (MMAP|INIT_SHARED)",
+                    )
+                }
+                BackingArg::Memfd => (None, SharedFile::Memfd(shared_memfd(false)?), "memfd"),
+                BackingArg::Hugetlb => (
+                    None,
+                    SharedFile::Memfd(shared_memfd(true)?),
+                    "hugetlb memfd",
+                ),
+            };
+            let info = MemoryInfo {
+                gpa: layout.gpa,
+                size,
+                vm_type: vm.as_ref().map(|_| "DEFAULT".to_string()),
+                shared_backing: desc.into(),
+                private_backing: None,
+                convertible: initial.is_some(),
+                initial: initial.map(|s| s.to_string()),
+            };
+            // A default VM has no PRIVATE attribute: conversions stay IOMMU-side only.
+            (None, shared, None, info)
+        };
+        // Keep the default VM alive through its guest_memfd (the file holds a reference).
+
+        // IOMMU backend and devices.
+        let options = SpaceOptions {
+            conversions: initial.is_some(),
+            ..Default::default()
+        };
+        let mut groups = Vec::new();
+        let mut devices = Vec::new();
+        let mut space = match backend {
+            Backend::Iommufd => {
+                let fd = Arc::new(Iommufd::open().context("opening /dev/iommu")?);
+                let mut space = DmaSpace::iommufd(&fd, vm, options)?;
+                for d in pci {
+                    let dev = Device::open_pci_in(&sysfs, d.bdf)?;
+                    space
+                        .attach(&dev)
+                        .with_context(|| format!("attaching {}", d.bdf))?;
+                    devices.push((d, dev));
+                }
+                space
+            }
+            Backend::Legacy => {
+                let container = Container::open().context("opening the legacy VFIO container")?;
+                let mut by_group: BTreeMap<u32, Group> = BTreeMap::new();
+                for d in &pci {
+                    let g = d.iommu_group.expect("readiness checked the group");
+                    if let std::collections::btree_map::Entry::Vacant(e) = by_group.entry(g) {
+                        let group = Group::open_in(&sysfs, g)?;
+                        container
+                            .add_group(&group)
+                            .with_context(|| format!("adding IOMMU group {g} of {}", d.bdf))?;
+                        e.insert(group);
+                    }
+                }
+                for d in pci {
+                    let g = d.iommu_group.expect("checked");
+                    let dev = by_group[&g].device(d.bdf)?;
+                    devices.push((d, dev));
+                }
+                groups.extend(by_group.into_values());
+                DmaSpace::with_mapper(Box::new(container), vm, options)
+            }
+        };
+
+        // Map the memory.
+        let fd = shared
+            .dup()
+            .context("duplicating the shared backing's fd")?;
+        let mut region = GuestRegion::new(layout.gpa, size, SharedMemory::File { fd, offset: 0 });
+        if let Some(state) = initial {
+            region = region.convertible(state);
+        }
+        let id = with_spinner(
+            &format!("mapping {} of guest memory", human_bytes(size)),
+            || space.add_region(region),
+        )
+        .with_context(|| {
+            format!(
+                "mapping guest memory GPA [{:#x}, +{})",
+                layout.gpa,
+                human_bytes(size)
+            )
+        })?;
+        Ok(Session {
+            backend,
+            space,
+            devices,
+            shared,
+            memory: info,
+            region: Some(id),
+            _private: private,
+            _groups: groups,
+        })
+    }
+
+    /// Unmaps the memory and detaches the devices; returns a one-line summary.
+    pub fn teardown(mut self) -> anyhow::Result<String> {
+        let mut unmapped = 0;
+        if let Some(id) = self.region.take() {
+            let stats = with_spinner("unmapping guest memory", || self.space.remove_region(id))
+                .context("unmapping guest memory")?;
+            unmapped = stats.bytes_unmapped;
+        }
+        let mut detached = 0;
+        if self.backend == Backend::Iommufd {
+            for (d, dev) in &self.devices {
+                dev.detach()
+                    .with_context(|| format!("detaching {}", d.bdf))?;
+                detached += 1;
+            }
+        }
+        let n = self.devices.len();
+        drop(self);
+        Ok(format!(
+            "unmapped {}, released {n} device(s){}",
+            human_bytes(unmapped),
+            if detached > 0 { " (detached)" } else { "" }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_picks_iommufd_when_dev_iommu_exists() {
+        assert_eq!(resolve_iommu(IommuArg::Auto, true), Backend::Iommufd);
+        assert_eq!(resolve_iommu(IommuArg::Auto, false), Backend::Legacy);
+        assert_eq!(resolve_iommu(IommuArg::Legacy, true), Backend::Legacy);
+        assert_eq!(resolve_iommu(IommuArg::Iommufd, false), Backend::Iommufd);
+    }
+
+    #[test]
+    fn hugetlb_needs_2m_multiples_as_a_usage_error() {
+        let l = Layout {
+            size: 4096,
+            gpa: 0,
+            backing: BackingArg::Hugetlb,
+            confidential: false,
+            convertible: None,
+        };
+        let e = l.validate().unwrap_err();
+        assert_eq!(crate::errors::exit_code(&e), crate::errors::EXIT_USAGE);
+        assert!(e.to_string().contains("2 MiB"), "{e}");
+    }
+
+    #[test]
+    fn confidential_starts_private() {
+        let l = Layout {
+            size: 1 << 20,
+            gpa: 0,
+            backing: BackingArg::Gmem,
+            confidential: true,
+            convertible: None,
+        };
+        assert_eq!(l.initial(), Some(PageState::Private));
+        let plain = Layout {
+            confidential: false,
+            ..l
+        };
+        assert_eq!(plain.initial(), None);
+    }
+}
