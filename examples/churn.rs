@@ -131,7 +131,7 @@ fn run_real(strategy: Strategy, n: usize) -> Row {
     let secs = t0.elapsed().as_secs_f64();
     Row {
         name: name(strategy),
-        stats: space.totals().clone(),
+        stats: *space.totals(),
         peak_areas: peak,
         tracker: space.tracker_bytes(),
         secs,

@@ -424,7 +424,7 @@ fn cdev_reset() -> Result<(), Failed> {
     );
     // VFIO reports a reset exactly when the kernel found a reset method for the device.
     check!(
-        info.can_reset() == !methods.trim().is_empty(),
+        info.can_reset() != methods.trim().is_empty(),
         "can_reset {} but reset_method {methods:?}",
         info.can_reset()
     );
