@@ -105,7 +105,7 @@ pub(crate) fn check_range(
 ) -> Result<(), GmemError> {
     let detail = if len == 0 {
         "the length is zero; pass at least one page".to_string()
-    } else if offset.checked_add(len).map_or(true, |end| end > size) {
+    } else if offset.checked_add(len).is_none_or(|end| end > size) {
         format!(
             "range [{offset:#x}, {:#x}) goes past the end of the file ({size:#x} bytes)",
             offset.saturating_add(len)

@@ -89,7 +89,7 @@ impl MappedMemory {
     }
 
     fn check(&self, op: &str, offset: usize, n: usize) -> Result<(), GmemError> {
-        if offset.checked_add(n).map_or(true, |end| end > self.len) {
+        if offset.checked_add(n).is_none_or(|end| end > self.len) {
             return Err(GmemError::invalid(
                 format!("{op} of mapping at {:#x}", self.addr()),
                 format!(

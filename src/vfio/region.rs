@@ -165,7 +165,7 @@ impl BarMapping {
         let len = usize::try_from(region_size).map_err(|_| io::Error::other("BAR too large"))?;
         for a in &areas {
             let end = a.offset.checked_add(a.size);
-            if end.map_or(true, |e| e > region_size) || a.offset % page_size() != 0 {
+            if end.is_none_or(|e| e > region_size) || a.offset % page_size() != 0 {
                 return Err(io::Error::other(format!(
                     "sparse area {:#x}+{:#x} outside the {region_size:#x}-byte region or unaligned",
                     a.offset, a.size
