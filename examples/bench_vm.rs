@@ -230,6 +230,7 @@ const WINDOW: [u64; 2] = [IOVA, 2 * IOVA];
 /// library and raw taking turns (and turns at going first), so that drift from the
 /// host (TCG, other jobs on the same cores) hits both sides alike. Returns seconds:
 /// [map, unmap] for [library, raw].
+#[allow(clippy::needless_range_loop)] // phase indexes both the times and the op kind
 fn round(sides: [&Side; 2], area: u64, n: u64, chunk: u64) -> Res<[[f64; 2]; 2]> {
     let mut t = [[0f64; 2]; 2];
     for phase in 0..2 {
