@@ -63,6 +63,18 @@ impl Areas {
         Ok(bytes)
     }
 
+    /// True if `[first, last]` is exactly one recorded area. Then no other area meets
+    /// the range (areas are disjoint), so it is what [`Areas::check_whole`] would accept
+    /// with `last - first + 1` bytes, at the cost of one lookup.
+    pub fn is_exact(&self, first: u64, last: u64) -> bool {
+        self.map.get(&first) == Some(&last)
+    }
+
+    /// Forgets the area starting at `first` (the fast path after [`Areas::is_exact`]).
+    pub fn remove_at(&mut self, first: u64) {
+        self.map.remove(&first);
+    }
+
     /// Records a new area. The kernel accepted it, so it cannot overlap a recorded one.
     pub fn insert(&mut self, first: u64, last: u64) {
         debug_assert!(first <= last && self.overlapping(first, last).is_none());
@@ -135,6 +147,10 @@ mod tests {
         assert_eq!(a.check_whole(0, 20 * P), Ok(9 * P as u128));
         assert_eq!(a.check_whole(9 * P, 10 * P), Ok(0));
         assert_eq!(a.overlapping(7 * P, 7 * P), Some(Span::new(0, 8 * P)));
+
+        assert!(a.is_exact(16 * P, 17 * P - 1));
+        assert!(!a.is_exact(16 * P, 18 * P - 1));
+        assert!(!a.is_exact(0, 4 * P - 1));
 
         // The compat cut: pieces [0,2) [2,4) [4,8), then the middle goes.
         a.cut_before(2 * P);

@@ -245,14 +245,21 @@ impl Ioas {
         let mut areas = self.lock();
         let last = last_of(self.id, "IOMMU_IOAS_UNMAP", iova, len)?;
         let span = Span::new(iova, len);
-        let tracked = areas
-            .check_whole(iova, last)
-            .map_err(|area| Error::PartialUnmap {
-                ioas: self.id,
-                span,
-                area: Some(area),
-                source: None,
-            })?;
+        // Unmapping exactly one area is the common case and needs one lookup; anything
+        // else is checked area by area.
+        let exact = areas.is_exact(iova, last);
+        let tracked = if exact {
+            u128::from(len)
+        } else {
+            areas
+                .check_whole(iova, last)
+                .map_err(|area| Error::PartialUnmap {
+                    ioas: self.id,
+                    span,
+                    area: Some(area),
+                    source: None,
+                })?
+        };
         let mut u: iu::iommu_ioas_unmap = sys::zeroed();
         u.size = size_of_val(&u) as u32;
         u.ioas_id = self.id;
@@ -280,7 +287,11 @@ impl Ioas {
             }
             Err(e) => return Err(self.err("IOMMU_IOAS_UNMAP", Some(span), e)),
         }
-        areas.remove_within(iova, last);
+        if exact {
+            areas.remove_at(iova);
+        } else {
+            areas.remove_within(iova, last);
+        }
         Ok(u.length)
     }
 
