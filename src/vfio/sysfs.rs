@@ -180,16 +180,7 @@ impl PciSysfs {
     /// Every PCI device, sorted by address.
     pub fn devices(&self) -> Result<Vec<PciDevice>> {
         let dir = self.sys.join("bus/pci/devices");
-        let rd = fs::read_dir(&dir).map_err(|e| VfioError::sysfs(&dir, e))?;
-        let mut out = Vec::new();
-        for entry in rd {
-            let entry = entry.map_err(|e| VfioError::sysfs(&dir, e))?;
-            if let Some(bdf) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
-                out.push(self.device(bdf)?);
-            }
-        }
-        out.sort_by_key(|d| d.bdf);
-        Ok(out)
+        self.devices_in(&dir)
     }
 
     /// One device; [`VfioError::NoSuchDevice`] if sysfs has no such address.
@@ -246,10 +237,15 @@ impl PciSysfs {
             .join("kernel/iommu_groups")
             .join(group.to_string())
             .join("devices");
-        let rd = fs::read_dir(&dir).map_err(|e| VfioError::sysfs(&dir, e))?;
+        self.devices_in(&dir)
+    }
+
+    /// The devices named by the entries of `dir` (a directory of BDF links), sorted.
+    fn devices_in(&self, dir: &Path) -> Result<Vec<PciDevice>> {
+        let rd = fs::read_dir(dir).map_err(|e| VfioError::sysfs(dir, e))?;
         let mut out = Vec::new();
         for entry in rd {
-            let entry = entry.map_err(|e| VfioError::sysfs(&dir, e))?;
+            let entry = entry.map_err(|e| VfioError::sysfs(dir, e))?;
             if let Some(bdf) = entry.file_name().to_str().and_then(|s| s.parse().ok()) {
                 out.push(self.device(bdf)?);
             }
