@@ -490,14 +490,32 @@ impl Ioas {
 impl Drop for Ioas {
     fn drop(&mut self) {
         // Destroying unmaps everything. It fails (EBUSY) while a device or HWPT still
-        // uses the IOAS; the kernel object then lives until the iommufd closes.
-        if let Err(e) = self.iommufd.destroy(self.id) {
-            log::warn!(
-                "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}; detach devices and \
-                 drop HWPTs before the IOAS",
+        // uses the IOAS; the kernel object then lives until they detach or the iommufd
+        // closes. Dropping the handle still means "these mappings are gone": empty the
+        // IOAS so no page stays pinned and no device reaches memory its owner may free
+        // next (a VMM unmapping guest RAM right after dropping its DMA space).
+        match self.iommufd.destroy(self.id) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match self.unmap_all() {
+                Ok(bytes) => log::debug!(
+                    "IOAS {} is still attached (a device or HWPT uses it): unmapped its \
+                     {bytes:#x} bytes; the kernel frees the empty IOAS when the last user \
+                     detaches or the iommufd fd {} closes",
+                    self.id,
+                    self.iommufd.raw()
+                ),
+                Err(u) => log::warn!(
+                    "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}, and emptying it \
+                     failed too: {u}; its pages stay pinned until its devices close",
+                    self.id,
+                    self.iommufd.raw()
+                ),
+            },
+            Err(e) => log::warn!(
+                "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}",
                 self.id,
                 self.iommufd.raw()
-            );
+            ),
         }
     }
 }
