@@ -298,8 +298,31 @@ fn err<T>(r: Result<T, SpaceError>) -> String {
 
 fn bad_input_changes_nothing() -> Result<(), Failed> {
     let len = 16 * PAGE;
-    let (mut space, _edu, shared, _view) = confidential_setup(SpaceOptions::default(), len)?;
-    let before = (space.area_count(), space.totals().ioctls);
+    let (mut space, edu, shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
+    space
+        .convert(GPA + 4 * PAGE, 2 * PAGE, PageState::Private, false)
+        .or_fail("pages 4, 5 private")?;
+    // Everything the refusals must leave alone: counters, regions, page states, the
+    // tracker's areas, this process's fds and pinned pages.
+    let state = |space: &DmaSpace| {
+        (
+            space.area_count(),
+            space.totals().ioctls,
+            format!("{:?}", space.regions()),
+            (0..17)
+                .map(|p| space.page_state(GPA + p * PAGE))
+                .collect::<Vec<_>>(),
+            space
+                .memory()
+                .areas()
+                .map(|a| (a.iova, a.len))
+                .collect::<Vec<_>>(),
+            support::space::open_fds(),
+            support::space::status_kib("VmPin"),
+        )
+    };
+    let efd = vfio_gmem::vfio::EventFd::new().or_fail("eventfd")?;
+    let before = state(&space);
     let e = err(space.convert(GPA + len, PAGE, PageState::Private, false));
     check!(e.contains("region"), "outside any region: {e}");
     let e = err(space.convert(GPA + 1, PAGE, PageState::Private, false));
@@ -328,7 +351,6 @@ fn bad_input_changes_nothing() -> Result<(), Failed> {
         "first range of a failed batch changed"
     );
     // Wrong fd type: an eventfd cannot back guest memory.
-    let efd = vfio_gmem::vfio::EventFd::new().or_fail("eventfd")?;
     let e = err(space.add_region(GuestRegion::new(
         GPA + 2 * len,
         PAGE,
@@ -342,11 +364,14 @@ fn bad_input_changes_nothing() -> Result<(), Failed> {
         "an eventfd must not be accepted as guest memory"
     );
     eprintln!("wrong fd type: {e}");
+    let after = state(&space);
     check!(
-        (space.area_count(), space.totals().ioctls) == before,
-        "bad input changed state: {before:?} → {:?}",
-        (space.area_count(), space.totals().ioctls)
+        after == before,
+        "bad input changed state: {before:?} → {after:?}"
     );
+    // And the kernel agrees: the device still reaches page 3 and not page 4.
+    dma_works(&edu, &mut view, (3 * PAGE) as usize, GPA + 3 * PAGE, 3)?;
+    dma_refused(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE)?;
     Ok(())
 }
 
