@@ -33,7 +33,11 @@ fn main() {
 }
 
 const THREADS: u64 = 4;
-const OPS: u64 = 400;
+/// Each converter makes at least this many calls, and goes on until the device has made
+/// [`DMA_ROUNDS`] round trips, so conversions run during every DMA.
+const MIN_OPS: u64 = 500;
+/// edu takes ~100 ms per transfer (a QEMU timer): 40 round trips ≈ 8 s.
+const DMA_ROUNDS: u64 = 40;
 const PAGES: u64 = 72;
 
 /// Thread `t` alone converts pages `[1 + 9t, 9 + 9t)`; every thread converts inside
@@ -95,13 +99,32 @@ fn state(rng: &mut Rng) -> PageState {
     }
 }
 
-/// The converting thread `t`: OPS calls, one in eight a batch of two ranges (its own
-/// zone and a common one, so they never conflict), one private conversion in four with
-/// discard.
-fn converter(t: u64, shared: Arc<RwLock<Shared>>) -> Result<(u64, u64), String> {
+/// What one converter did.
+struct Done {
+    calls: u64,
+    batches: u64,
+    discards: u64,
+}
+
+/// The converting thread `t`: at least MIN_OPS calls and until `stop`, one in eight a
+/// batch of two ranges (its own zone and a common one, so they never conflict), one
+/// private conversion in four with discard. Bumps `warmed` once past MIN_OPS.
+fn converter(
+    t: u64,
+    shared: Arc<RwLock<Shared>>,
+    stop: Arc<AtomicBool>,
+    warmed: Arc<AtomicU64>,
+) -> Result<Done, String> {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9));
     let (mut batches, mut discards) = (0, 0);
-    for seq in 0..OPS {
+    let mut seq = 0;
+    loop {
+        if seq == MIN_OPS {
+            warmed.fetch_add(1, Ordering::SeqCst);
+        }
+        if seq >= MIN_OPS && stop.load(Ordering::SeqCst) {
+            break;
+        }
         let mut reqs = Vec::new();
         if rng.below(8) == 0 {
             let own = zones(t)[0];
@@ -148,11 +171,16 @@ fn converter(t: u64, shared: Arc<RwLock<Shared>>) -> Result<(u64, u64), String> 
                 .collect(),
         });
         drop(guard);
+        seq += 1;
         if rng.below(4) == 0 {
             std::thread::yield_now();
         }
     }
-    Ok((batches, discards))
+    Ok(Done {
+        calls: seq,
+        batches,
+        discards,
+    })
 }
 
 /// Under the read lock: the tracker's areas cover exactly the shared pages.
@@ -199,6 +227,8 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
         log: Vec::new(),
     }));
     let done = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let warmed = Arc::new(AtomicU64::new(0));
     let observations = Arc::new(AtomicU64::new(0));
     let faults0 = pci::iommu_fault_count();
     let t0 = Instant::now();
@@ -206,7 +236,8 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
     let converters: Vec<_> = (0..THREADS)
         .map(|t| {
             let shared = shared.clone();
-            std::thread::spawn(move || converter(t, shared))
+            let (stop, warmed) = (stop.clone(), warmed.clone());
+            std::thread::spawn(move || converter(t, shared, stop, warmed))
         })
         .collect();
     let observer = {
@@ -221,9 +252,14 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
         })
     };
 
-    // The device DMAs into the steady pages until every converter is done.
+    // The device DMAs into the steady pages while the converters run; they stop only
+    // after DMA_ROUNDS round trips (and their MIN_OPS calls each).
     let (mut dmas, mut mismatches) = (0u64, Vec::new());
-    while !converters.iter().all(|h| h.is_finished()) || dmas < 2 * STEADY.len() as u64 {
+    let calls_at_first_dma = shared.read().map_err(|_| "poisoned")?.log.len();
+    while dmas < DMA_ROUNDS || warmed.load(Ordering::SeqCst) < THREADS {
+        if converters.iter().any(|h| h.is_finished()) {
+            break; // a converter failed: its error is reported below
+        }
         let p = STEADY[(dmas % STEADY.len() as u64) as usize];
         if !sp::round_trip(
             &edu,
@@ -236,15 +272,19 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
         }
         dmas += 1;
     }
+    let calls_during_dma = shared.read().map_err(|_| "poisoned")?.log.len() - calls_at_first_dma;
+    stop.store(true, Ordering::SeqCst);
+    let mut per_thread = Vec::new();
+    let (mut batches, mut discards) = (0, 0);
+    for (t, h) in converters.into_iter().enumerate() {
+        let d = h.join().map_err(|_| format!("converter {t} panicked"))??;
+        per_thread.push(d.calls);
+        batches += d.batches;
+        discards += d.discards;
+    }
     let elapsed = t0.elapsed();
     let faults = pci::iommu_fault_count() - faults0;
-    let mut batches = 0;
-    let mut discards = 0;
-    for (t, h) in converters.into_iter().enumerate() {
-        let (b, d) = h.join().map_err(|_| format!("converter {t} panicked"))??;
-        batches += b;
-        discards += d;
-    }
+    let total: u64 = per_thread.iter().sum();
     done.store(true, Ordering::Relaxed);
     observer.join().map_err(|_| "observer panicked")??;
     let Shared { space, log } = Arc::into_inner(shared)
@@ -253,14 +293,19 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
         .map_err(|_| "lock poisoned")?;
 
     eprintln!(
-        "{want}: {THREADS} threads × {OPS} calls ({batches} batches of 2, {discards} with \
-         discard) in {:.2} s, {:.0} calls/s; {dmas} DMA round trips to {} steady pages \
-         meanwhile, {} mismatches, {faults} IOMMU faults; {} observations under the read lock",
+        "{want}: {THREADS} threads × {per_thread:?} calls = {total} ({batches} batches of 2, \
+         {discards} with discard) in {:.2} s, {:.0} calls/s; {dmas} DMA round trips to {} \
+         steady pages, {calls_during_dma} calls made while they ran, {} mismatches, {faults} \
+         IOMMU faults; {} observations under the read lock",
         elapsed.as_secs_f64(),
-        (THREADS * OPS) as f64 / elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64(),
         STEADY.len(),
         mismatches.len(),
         observations.load(Ordering::Relaxed)
+    );
+    check!(
+        dmas >= DMA_ROUNDS && calls_during_dma as u64 >= THREADS * MIN_OPS / 2,
+        "too little overlap: {dmas} round trips, {calls_during_dma} calls during them"
     );
     check!(
         mismatches.is_empty(),
@@ -273,10 +318,9 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
 
     // No lost update: every call logged, each thread's calls in its own order.
     check!(
-        log.len() as u64 == THREADS * OPS,
-        "{} log entries, expected {}",
-        log.len(),
-        THREADS * OPS
+        log.len() as u64 == total,
+        "{} log entries, the threads made {total} calls",
+        log.len()
     );
     for t in 0..THREADS {
         let seqs: Vec<u64> = log
@@ -285,7 +329,7 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
             .map(|e| e.seq)
             .collect();
         check!(
-            seqs == (0..OPS).collect::<Vec<_>>(),
+            seqs == (0..per_thread[t as usize]).collect::<Vec<_>>(),
             "thread {t}'s calls are missing or out of order in the log"
         );
     }

@@ -167,11 +167,17 @@ fn one_life(order: Order, round: u8) -> Result<(), Failed> {
                 r == Err(libc::EBUSY),
                 "the IOAS should linger while the device uses it: destroy answered {r:?}"
             );
+            check!(iommufd.reap_orphans() == 1, "the IOAS is not an orphan");
             drop(edu);
+            // Once the device is closed, the library destroys the orphan.
+            check!(
+                iommufd.reap_orphans() == 0,
+                "the orphaned IOAS is still pending after its device closed"
+            );
             let r = raw_destroy(fd, ioas);
             check!(
                 r == Err(libc::ENOENT),
-                "closing the device should free the empty IOAS: destroy answered {r:?}"
+                "the orphaned IOAS should be destroyed: destroy answered {r:?}"
             );
         }
         Order::Detach => {

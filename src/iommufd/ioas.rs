@@ -98,6 +98,7 @@ impl Ioas {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn new(iommufd: &Arc<Iommufd>) -> Result<Ioas> {
+        iommufd.reap_orphans();
         let mut a: iu::iommu_ioas_alloc = sys::zeroed();
         a.size = size_of_val(&a) as u32;
         sys::ioctl_mut(iommufd.as_fd(), sys::IOMMU_IOAS_ALLOC, &mut a)
@@ -490,27 +491,31 @@ impl Ioas {
 impl Drop for Ioas {
     fn drop(&mut self) {
         // Destroying unmaps everything. It fails (EBUSY) while a device or HWPT still
-        // uses the IOAS; the kernel object then lives until they detach or the iommufd
-        // closes. Dropping the handle still means "these mappings are gone": empty the
-        // IOAS so no page stays pinned and no device reaches memory its owner may free
-        // next (a VMM unmapping guest RAM right after dropping its DMA space).
+        // uses the IOAS. Dropping the handle still means "these mappings are gone":
+        // empty the IOAS at once, so no page stays pinned and no device reaches memory
+        // its owner may free next (a VMM unmapping guest RAM right after dropping its DMA
+        // space); the empty object is destroyed as soon as it is free (reap_orphans).
+        self.iommufd.reap_orphans();
         match self.iommufd.destroy(self.id) {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => match self.unmap_all() {
-                Ok(bytes) => log::debug!(
-                    "IOAS {} is still attached (a device or HWPT uses it): unmapped its \
-                     {bytes:#x} bytes; the kernel frees the empty IOAS when the last user \
-                     detaches or the iommufd fd {} closes",
-                    self.id,
-                    self.iommufd.raw()
-                ),
-                Err(u) => log::warn!(
-                    "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}, and emptying it \
-                     failed too: {u}; its pages stay pinned until its devices close",
-                    self.id,
-                    self.iommufd.raw()
-                ),
-            },
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                match self.unmap_all() {
+                    Ok(bytes) => log::debug!(
+                        "IOAS {} is still attached (a device or HWPT uses it): unmapped its \
+                         {bytes:#x} bytes; it is destroyed once free (Iommufd::reap_orphans, \
+                         run at every IOAS allocation and drop) or when iommufd fd {} closes",
+                        self.id,
+                        self.iommufd.raw()
+                    ),
+                    Err(u) => log::warn!(
+                        "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}, and emptying \
+                         it failed too: {u}; its pages stay pinned until its devices close",
+                        self.id,
+                        self.iommufd.raw()
+                    ),
+                }
+                self.iommufd.orphan(self.id);
+            }
             Err(e) => log::warn!(
                 "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}",
                 self.id,
