@@ -570,7 +570,10 @@ fn documented_errors() -> Result<(), Failed> {
     // Hugetlb with a size that is not a multiple of 2 MiB: usage error; no huge page
     // reserved or taken.
     bind(&[&e[0]])?;
-    let huge = || std::fs::read_to_string("/proc/sys/vm/nr_hugepages").unwrap_or_default();
+    let huge = || {
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+            .unwrap_or_default()
+    };
     let (huge0, free0) = (huge(), support::space::meminfo_kib("HugePages_Free"));
     let o = refused(
         &["assign", &e[0], "--memory", "4K", "--backing", "hugetlb"],

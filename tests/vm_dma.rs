@@ -140,8 +140,13 @@ fn memfd_region_maps_by_fd_offset() -> Result<(), Failed> {
 }
 
 fn hugetlb_region_maps_by_fd_offset() -> Result<(), Failed> {
-    let old = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").or_fail("nr_hugepages")?;
-    std::fs::write("/proc/sys/vm/nr_hugepages", "4").or_fail("reserve huge pages")?;
+    let old = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+        .or_fail("nr_hugepages")?;
+    std::fs::write(
+        "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+        "4",
+    )
+    .or_fail("reserve huge pages")?;
     let result = (|| {
         let len = 4 << 20;
         let memfd = Memfd::hugetlb("vm-dma-huge", len).or_fail("hugetlb memfd")?;
@@ -180,7 +185,11 @@ fn hugetlb_region_maps_by_fd_offset() -> Result<(), Failed> {
         )?;
         Ok(())
     })();
-    std::fs::write("/proc/sys/vm/nr_hugepages", old.trim()).or_fail("restore nr_hugepages")?;
+    std::fs::write(
+        "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+        old.trim(),
+    )
+    .or_fail("restore nr_hugepages")?;
     result
 }
 

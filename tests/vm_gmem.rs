@@ -338,11 +338,12 @@ fn adopt() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Sets `/proc/sys/vm/nr_hugepages` and puts the old value back on drop.
+/// Sets the 2 MiB pool's size (sysfs: present even on kernels without sysctl) and puts
+/// the old value back on drop.
 struct HugePages(String);
 
 impl HugePages {
-    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+    const PATH: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
     fn set(n: u64) -> Result<Self, Failed> {
         let old = std::fs::read_to_string(Self::PATH).or_fail("read nr_hugepages")?;
