@@ -552,6 +552,7 @@ fn bad_input_unknown_and_unbound_devices() -> Result<(), Failed> {
         .err()
         .ok_or("opened a group with no vfio member")?;
     check!(e.to_string().contains("vfio-gmem bind"), "{e}");
+    unchanged(&before, "refused opens and binds")?;
     // The watchdog is bound to its own driver: readiness names it.
     let wd: Bdf = "0000:00:02.0".parse().unwrap();
     match PciSysfs::new().readiness(wd).or_fail("readiness")? {
@@ -560,7 +561,7 @@ fn bad_input_unknown_and_unbound_devices() -> Result<(), Failed> {
         }
         r => return Err(format!("watchdog ready? {r:?}").into()),
     }
-    unchanged(&before, "refused opens and binds")
+    Ok(())
 }
 
 /// edu `i` through the legacy path: its group in a fresh type1v2 container.
