@@ -255,7 +255,8 @@ struct Attached {
 /// Dropping the space destroys its IOAS; if a device is still attached (dropped after
 /// the space, or never [`detach`](Self::detach)ed), the IOAS is emptied instead, so no
 /// page stays pinned and no device reaches guest memory after the drop, in any drop
-/// order. The kernel frees the empty IOAS when the device closes.
+/// order; the empty IOAS is destroyed once the device lets go of it
+/// ([`Iommufd::reap_orphans`](crate::iommufd::Iommufd::reap_orphans)).
 ///
 /// [`page_state`]: Self::page_state
 pub struct DmaSpace {
@@ -382,9 +383,9 @@ impl DmaSpace {
     /// blocked from then on; the space's mappings stay for the other devices. The device
     /// stays bound to the space's iommufd (VFIO has no unbind short of closing the fd).
     ///
-    /// Detaching is optional before dropping the space: dropping it empties the IOAS
-    /// first if a device still uses it, so no page stays pinned and no device reaches
-    /// guest memory afterwards, whatever the drop order (see the type's docs).
+    /// Detaching is optional before dropping the space: dropping it empties the IOAS if
+    /// a device still uses it, so no page stays pinned and no device reaches guest memory
+    /// afterwards, whatever the drop order (see the type's docs).
     pub fn detach(&mut self, device: &crate::vfio::Device) -> Result<(), SpaceError> {
         let err = |detail: String| SpaceError::Attach {
             device: device.name().to_string(),

@@ -21,7 +21,9 @@ pub struct IovaRanges {
     pub alignment: u64,
 }
 
-/// An IO address space (`IOMMU_IOAS_ALLOC`), destroyed on drop.
+/// An IO address space (`IOMMU_IOAS_ALLOC`), destroyed on drop. If a device or HWPT
+/// still uses it then, it is emptied at once (nothing stays pinned or reachable) and
+/// destroyed as soon as it is free ([`Iommufd::reap_orphans`]).
 ///
 /// Devices attach to it (VFIO cdev `ATTACH_IOMMUFD_PT` with [`Ioas::id`]) and see
 /// exactly what is mapped in it.
