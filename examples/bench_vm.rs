@@ -29,7 +29,7 @@ use vfio_gmem::dma::{
     DmaSpace, GuestRegion, Op, PageState, SharedMemory, SpaceOptions, Stats, Strategy, PAGE_SIZE,
 };
 use vfio_gmem::gmem::{GmemFlags, KvmVm, Memfd, VmType};
-use vfio_gmem::iommufd::{Ioas, Iommufd};
+use vfio_gmem::iommufd::{AreaRecord, Ioas, Iommufd};
 use vfio_gmem::mapper::{Access, DmaMapper, Iova};
 use vfio_gmem::sys::{self, iommufd_uapi as iu, vfio_uapi as vu};
 use vfio_gmem::vfio::{Container, Device, Group};
@@ -326,10 +326,11 @@ fn overhead(edus: &[Edu], sz: &Sizes) -> Res<Vec<Value>> {
     let max_total = sz.cases.iter().map(|c| c.1).max().unwrap();
     let access = Access::READ_WRITE;
 
-    // iommufd: one IOAS with the device attached, default options (huge pages on).
-    {
+    // iommufd: one IOAS with the device attached, default options (huge pages on), once
+    // with the IOAS's area record (the default) and once without.
+    for (record, tag) in [(AreaRecord::Kept, ""), (AreaRecord::Off, ", record off")] {
         let iommufd = Arc::new(Iommufd::open().map_err(err("open /dev/iommu"))?);
-        let ioas = Ioas::new(&iommufd).map_err(err("IOAS"))?;
+        let ioas = Ioas::with_record(&iommufd, record).map_err(err("IOAS"))?;
         let _dev = attach_new(&edus[0], &ioas)?;
         let fdi = iommufd.as_fd();
         let id = ioas.id();
@@ -359,7 +360,7 @@ fn overhead(edus: &[Edu], sz: &Sizes) -> Res<Vec<Value>> {
             };
             for &(area, total) in &sz.cases {
                 rows.push(compare(
-                    "iommufd MAP_FILE memfd",
+                    &format!("iommufd MAP_FILE memfd{tag}"),
                     &lib,
                     &raw,
                     area,
@@ -373,7 +374,7 @@ fn overhead(edus: &[Edu], sz: &Sizes) -> Res<Vec<Value>> {
             let (lib, raw) = va_sides(&ioas, fdi, id, mapping.addr());
             for &(area, total) in &sz.cases {
                 rows.push(compare(
-                    "iommufd VA memfd",
+                    &format!("iommufd VA memfd{tag}"),
                     &lib,
                     &raw,
                     area,
@@ -393,7 +394,7 @@ fn overhead(edus: &[Edu], sz: &Sizes) -> Res<Vec<Value>> {
         let (lib, raw) = va_sides(&ioas, fdi, id, mapping.addr());
         for &(area, total) in &sz.cases {
             rows.push(compare(
-                "iommufd VA gmem",
+                &format!("iommufd VA gmem{tag}"),
                 &lib,
                 &raw,
                 area,

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use libtest_mimic::Failed;
 use support::edu_raw::{memfd, Mapping, RawEdu};
 use support::{pci, run_vm_tests, OrFail};
-use vfio_gmem::iommufd::{Error, HwInfoType, Hwpt, HwptFlags, Ioas, Iommufd, RlimitMode, Span};
+use vfio_gmem::iommufd::{
+    AreaRecord, Error, HwInfoType, Hwpt, HwptFlags, Ioas, Iommufd, RlimitMode, Span,
+};
 use vfio_gmem::mapper::{Access, Backend, DmaMapper, Iova, MapError};
 use vfio_gmem::sys::{self, iommufd_uapi as iu};
 
@@ -23,6 +25,10 @@ fn main() {
         (
             "partial_unmap_is_refused_and_area_stays_mapped",
             partial_unmap_is_refused_and_area_stays_mapped,
+        ),
+        (
+            "record_off_is_one_ioctl_and_kernel_unmaps_partially",
+            record_off_is_one_ioctl_and_kernel_unmaps_partially,
         ),
         (
             "compat_cut_unmap_removes_exactly_the_middle",
@@ -344,6 +350,52 @@ fn partial_unmap_is_refused_and_area_stays_mapped() -> Result<(), Failed> {
     check!(
         ioas.unmap(BASE, 4 * PAGE).or_fail("whole unmap")? == 4 * PAGE,
         "whole unmap bytes"
+    );
+    Ok(())
+}
+
+/// `AreaRecord::Off`: maps and whole-area unmaps work as with the record, nothing is
+/// recorded, and a range that cuts an area reaches the kernel, which unmaps the whole
+/// areas before the cut one and then refuses: the documented price of turning it off.
+fn record_off_is_one_ioctl_and_kernel_unmaps_partially() -> Result<(), Failed> {
+    let (iommufd, edu) = setup()?;
+    let ioas = Ioas::with_record(&iommufd, AreaRecord::Off).or_fail("Ioas::with_record")?;
+    check!(ioas.area_record() == AreaRecord::Off, "record mode");
+    edu.attach(ioas.id()).or_fail("attach")?;
+    let mem = memfd("record-off", 4 * PAGE).or_fail("memfd")?;
+    let map = Mapping::new(&mem, 0, 4 * PAGE as usize).or_fail("mmap")?;
+    let rw = Access::READ_WRITE;
+    // Area A = page 0, area B = pages 1..4.
+    ioas.map_file(Iova::Fixed(BASE), mem.as_fd(), 0, PAGE, rw)
+        .or_fail("map A")?;
+    ioas.map_file(Iova::Fixed(BASE + PAGE), mem.as_fd(), PAGE, 3 * PAGE, rw)
+        .or_fail("map B")?;
+    check!(
+        ioas.areas().is_empty(),
+        "no record kept: {:?}",
+        ioas.areas()
+    );
+    round_trip(&edu, BASE, &mut map.bytes()[..256], 1)?;
+
+    // Nothing mapped in the range: the kernel's ENOENT, which it also gives for a cut.
+    let e = expect_err(ioas.unmap(BASE + 16 * PAGE, PAGE), "unmap of nothing")?;
+    check!(matches!(e, Error::UnmapRefused { .. }), "{e:?}");
+
+    // [A, first page of B]: the kernel unmaps A, then refuses to cut B.
+    let e = expect_err(ioas.unmap(BASE, 2 * PAGE), "cutting unmap")?;
+    check!(matches!(e, Error::PartialUnmap { area: None, .. }), "{e:?}");
+    check!(e.errno() == Some(libc::ENOENT), "errno {:?}", e.errno());
+    // B still works (it loads the device), A is gone (the device's write is refused).
+    let b = PAGE as usize;
+    let want = load_device(&edu, BASE + PAGE, &mut map.bytes()[b..b + 256], 2)?;
+    let reached = device_write_lands(&edu, BASE, &mut map.bytes()[..256], &want)?;
+    check!(
+        !reached,
+        "area A is still mapped after the kernel's partial unmap"
+    );
+    check!(
+        ioas.unmap(BASE + PAGE, 3 * PAGE).or_fail("unmap B")? == 3 * PAGE,
+        "unmap B bytes"
     );
     Ok(())
 }

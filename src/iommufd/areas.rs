@@ -66,13 +66,23 @@ impl Areas {
     /// True if `[first, last]` is exactly one recorded area. Then no other area meets
     /// the range (areas are disjoint), so it is what [`Areas::check_whole`] would accept
     /// with `last - first + 1` bytes, at the cost of one lookup.
+    #[cfg(test)]
     pub fn is_exact(&self, first: u64, last: u64) -> bool {
         self.map.get(&first) == Some(&last)
     }
 
-    /// Forgets the area starting at `first` (the fast path after [`Areas::is_exact`]).
-    pub fn remove_at(&mut self, first: u64) {
-        self.map.remove(&first);
+    /// If `[first, last]` is exactly one recorded area, forgets it and returns true (what
+    /// [`Areas::is_exact`] followed by a removal does, in one traversal); otherwise
+    /// changes nothing.
+    pub fn take_exact(&mut self, first: u64, last: u64) -> bool {
+        match self.map.remove(&first) {
+            Some(l) if l == last => true,
+            Some(l) => {
+                self.map.insert(first, l);
+                false
+            }
+            None => false,
+        }
     }
 
     /// Records a new area. The kernel accepted it, so it cannot overlap a recorded one.
@@ -151,6 +161,10 @@ mod tests {
         assert!(a.is_exact(16 * P, 17 * P - 1));
         assert!(!a.is_exact(16 * P, 18 * P - 1));
         assert!(!a.is_exact(0, 4 * P - 1));
+        assert!(!a.take_exact(0, 4 * P - 1));
+        assert!(a.take_exact(16 * P, 17 * P - 1));
+        assert!(!a.is_exact(16 * P, 17 * P - 1));
+        a.insert(16 * P, 17 * P - 1);
 
         // The compat cut: pieces [0,2) [2,4) [4,8), then the middle goes.
         a.cut_before(2 * P);

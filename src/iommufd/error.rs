@@ -123,6 +123,23 @@ pub enum Error {
         source: Option<io::Error>,
     },
 
+    /// `ENOENT` from `IOMMU_IOAS_UNMAP` on an IOAS without an area record
+    /// ([`super::AreaRecord::Off`]): nothing was mapped in the range, or the range cuts an
+    /// area and the kernel unmapped the whole areas before it. The kernel does not say
+    /// which.
+    #[error(
+        "IOAS {ioas}: the kernel refused to unmap {span}: nothing is mapped there, or the \
+         range cuts an area, and then the whole areas before that one are now unmapped. \
+         This IOAS keeps no area record (AreaRecord::Off), so the range was not checked \
+         first; unmap whole areas exactly as they were mapped"
+    )]
+    UnmapRefused {
+        ioas: u32,
+        span: Span,
+        #[source]
+        source: io::Error,
+    },
+
     /// Nothing is mapped in the range (`ENOENT` from `IOMMU_IOAS_UNMAP`).
     #[error("IOAS {ioas}: nothing is mapped in {span}")]
     NotMapped {
@@ -241,6 +258,7 @@ impl Error {
                     .and_then(|s| s.raw_os_error())
                     .unwrap_or(libc::ENOENT),
             ),
+            UnmapRefused { source, .. } => source.raw_os_error(),
             NotCompatIoas { .. } => Some(libc::ENODEV),
             CutNeedsSmallPages { .. } => Some(libc::EINVAL),
         }

@@ -28,10 +28,11 @@ pub struct IovaRanges {
 /// Devices attach to it (VFIO cdev `ATTACH_IOMMUFD_PT` with [`Ioas::id`]) and see
 /// exactly what is mapped in it.
 ///
-/// Invariant: `areas` equals the kernel's areas in this IOAS that were created through
-/// this handle, whenever its lock is free; every map/unmap holds the lock across the
-/// ioctl. Unmaps are checked against it first, so a range that would cut one of them
-/// fails before the kernel changes anything.
+/// Invariant (with [`AreaRecord::Kept`], the default): `areas` equals the kernel's areas
+/// in this IOAS that were created through this handle, whenever its lock is free; every
+/// map/unmap holds the lock across the ioctl. Unmaps are checked against it first, so a
+/// range that would cut one of them fails before the kernel changes anything. With
+/// [`AreaRecord::Off`] there is no record and no check: each call is one ioctl.
 ///
 /// ```no_run
 /// use std::sync::Arc;
@@ -48,9 +49,30 @@ pub struct Ioas {
     iommufd: Arc<Iommufd>,
     id: u32,
     pub(super) areas: Mutex<Areas>,
+    record: AreaRecord,
     /// `compat_epoch + 1` of the iommufd when the cut preconditions (compat IOAS, huge
     /// pages off) were last verified; 0 = not verified.
     pub(super) cut_verified: std::sync::atomic::AtomicU64,
+}
+
+/// Whether an [`Ioas`] keeps its own record of the areas it mapped.
+///
+/// The kernel's `IOMMU_IOAS_UNMAP` walks its range area by area and stops with `ENOENT`
+/// at the first area that sticks out, after unmapping the areas before it. The record
+/// lets [`Ioas::unmap`] refuse such a range before anything changes. It costs a B-tree
+/// update per map and unmap (a few hundred instructions; see BENCHMARKS.md), which is
+/// measurable against 4 KiB maps; a caller that keeps its own exact record of what it
+/// mapped and only unmaps whole areas can turn it off.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AreaRecord {
+    /// Keep the record: cutting unmaps are refused up front; [`Ioas::areas`] lists the
+    /// areas.
+    #[default]
+    Kept,
+    /// No record: every call is exactly one ioctl. An unmap that cuts an area fails with
+    /// [`Error::UnmapRefused`] *after* the kernel unmapped the whole areas before it in
+    /// the range; [`Ioas::areas`] is empty.
+    Off,
 }
 
 fn map_flags(iova: Iova, access: Access) -> u32 {
@@ -100,6 +122,19 @@ impl Ioas {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn new(iommufd: &Arc<Iommufd>) -> Result<Ioas> {
+        Self::with_record(iommufd, AreaRecord::Kept)
+    }
+
+    /// Allocates an empty IOAS in `iommufd` that keeps (or not) its own area record.
+    ///
+    /// ```no_run
+    /// use std::sync::Arc;
+    /// use vfio_gmem::iommufd::{AreaRecord, Ioas, Iommufd};
+    /// // This caller unmaps exactly the areas it mapped, and nothing else.
+    /// let ioas = Ioas::with_record(&Arc::new(Iommufd::open()?), AreaRecord::Off)?;
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn with_record(iommufd: &Arc<Iommufd>, record: AreaRecord) -> Result<Ioas> {
         iommufd.reap_orphans();
         let mut a: iu::iommu_ioas_alloc = sys::zeroed();
         a.size = size_of_val(&a) as u32;
@@ -109,6 +144,7 @@ impl Ioas {
             iommufd: Arc::clone(iommufd),
             id: a.out_ioas_id,
             areas: Mutex::new(Areas::default()),
+            record,
             cut_verified: Default::default(),
         })
     }
@@ -135,7 +171,7 @@ impl Ioas {
     }
 
     /// The areas mapped through this handle, in IOVA order (after a
-    /// [`Ioas::cut_unmap`], the pieces it left).
+    /// [`Ioas::cut_unmap`], the pieces it left); empty with [`AreaRecord::Off`].
     ///
     /// ```no_run
     /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
@@ -143,6 +179,22 @@ impl Ioas {
     /// ```
     pub fn areas(&self) -> Vec<Span> {
         self.lock().spans()
+    }
+
+    /// Whether this IOAS keeps an area record.
+    ///
+    /// ```no_run
+    /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
+    /// use vfio_gmem::iommufd::AreaRecord;
+    /// assert_eq!(ioas.area_record(), AreaRecord::Kept);
+    /// ```
+    pub fn area_record(&self) -> AreaRecord {
+        self.record
+    }
+
+    /// The record's lock, if this IOAS keeps one.
+    fn record(&self) -> Option<MutexGuard<'_, Areas>> {
+        (self.record == AreaRecord::Kept).then(|| self.lock())
     }
 
     pub(super) fn lock(&self) -> MutexGuard<'_, Areas> {
@@ -175,7 +227,7 @@ impl Ioas {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64> {
-        let mut areas = self.lock();
+        let mut areas = self.record();
         let mut m: iu::iommu_ioas_map = sys::zeroed();
         m.size = size_of_val(&m) as u32;
         m.flags = map_flags(iova, access);
@@ -185,10 +237,14 @@ impl Ioas {
         m.iova = fixed(iova);
         let span = Span::new(m.iova, len);
         sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_MAP, &mut m).map_err(|e| {
-            let existing = areas.overlapping(span.iova, span.end().saturating_sub(1));
+            let existing = areas
+                .as_ref()
+                .and_then(|a| a.overlapping(span.iova, span.end().saturating_sub(1)));
             Error::map("IOMMU_IOAS_MAP", self.id, span, existing, None, e)
         })?;
-        areas.insert(m.iova, m.iova + (len - 1));
+        if let Some(a) = areas.as_mut() {
+            a.insert(m.iova, m.iova + (len - 1));
+        }
         Ok(m.iova)
     }
 
@@ -213,7 +269,7 @@ impl Ioas {
         len: u64,
         access: Access,
     ) -> Result<u64> {
-        let mut areas = self.lock();
+        let mut areas = self.record();
         let mut m: iu::iommu_ioas_map_file = sys::zeroed();
         m.size = size_of_val(&m) as u32;
         m.flags = map_flags(iova, access);
@@ -224,11 +280,15 @@ impl Ioas {
         m.iova = fixed(iova);
         let span = Span::new(m.iova, len);
         sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_MAP_FILE, &mut m).map_err(|e| {
-            let existing = areas.overlapping(span.iova, span.end().saturating_sub(1));
+            let existing = areas
+                .as_ref()
+                .and_then(|a| a.overlapping(span.iova, span.end().saturating_sub(1)));
             let file = Some((m.fd, fd_kind(m.fd)));
             Error::map("IOMMU_IOAS_MAP_FILE", self.id, span, existing, file, e)
         })?;
-        areas.insert(m.iova, m.iova + (len - 1));
+        if let Some(a) = areas.as_mut() {
+            a.insert(m.iova, m.iova + (len - 1));
+        }
         Ok(m.iova)
     }
 
@@ -245,12 +305,15 @@ impl Ioas {
         if iova == 0 && len == u64::MAX {
             return self.unmap_all();
         }
-        let mut areas = self.lock();
         let last = last_of(self.id, "IOMMU_IOAS_UNMAP", iova, len)?;
         let span = Span::new(iova, len);
-        // Unmapping exactly one area is the common case and needs one lookup; anything
-        // else is checked area by area.
-        let exact = areas.is_exact(iova, last);
+        let Some(mut areas) = self.record() else {
+            return self.unmap_unrecorded(span);
+        };
+        // Unmapping exactly one area is the common case: take it out of the record in
+        // one lookup (put back if the kernel refuses). Anything else is checked area by
+        // area before the kernel sees it.
+        let exact = areas.take_exact(iova, last);
         let tracked = if exact {
             u128::from(len)
         } else {
@@ -268,34 +331,49 @@ impl Ioas {
         u.ioas_id = self.id;
         u.iova = iova;
         u.length = len;
-        match sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_UNMAP, &mut u) {
-            Ok(_) => {}
-            // Areas this handle does not know about (e.g. mapped through the VFIO-compat
-            // ioctls) are the only way to get here with ENOENT.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                return Err(if tracked == 0 {
-                    Error::NotMapped {
-                        ioas: self.id,
-                        span,
-                        source: Some(e),
-                    }
-                } else {
-                    Error::PartialUnmap {
-                        ioas: self.id,
-                        span,
-                        area: None,
-                        source: Some(e),
-                    }
-                });
+        if let Err(e) = sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_UNMAP, &mut u) {
+            if exact {
+                areas.insert(iova, last);
             }
-            Err(e) => return Err(self.err("IOMMU_IOAS_UNMAP", Some(span), e)),
+            return Err(match e.raw_os_error() {
+                // Areas this handle does not know about (e.g. mapped through the
+                // VFIO-compat ioctls) are the only way to get here with ENOENT.
+                Some(libc::ENOENT) if tracked == 0 => Error::NotMapped {
+                    ioas: self.id,
+                    span,
+                    source: Some(e),
+                },
+                Some(libc::ENOENT) => Error::PartialUnmap {
+                    ioas: self.id,
+                    span,
+                    area: None,
+                    source: Some(e),
+                },
+                _ => self.err("IOMMU_IOAS_UNMAP", Some(span), e),
+            });
         }
-        if exact {
-            areas.remove_at(iova);
-        } else {
+        if !exact {
             areas.remove_within(iova, last);
         }
         Ok(u.length)
+    }
+
+    /// [`Ioas::unmap`] without a record: one ioctl, nothing checked up front.
+    fn unmap_unrecorded(&self, span: Span) -> Result<u64> {
+        let mut u: iu::iommu_ioas_unmap = sys::zeroed();
+        u.size = size_of_val(&u) as u32;
+        u.ioas_id = self.id;
+        u.iova = span.iova;
+        u.length = span.len;
+        match sys::ioctl_mut(self.iommufd.as_fd(), sys::IOMMU_IOAS_UNMAP, &mut u) {
+            Ok(_) => Ok(u.length),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Err(Error::UnmapRefused {
+                ioas: self.id,
+                span,
+                source: e,
+            }),
+            Err(e) => Err(self.err("IOMMU_IOAS_UNMAP", Some(span), e)),
+        }
     }
 
     /// Unmaps everything in this IOAS; returns the bytes unmapped.
@@ -355,9 +433,12 @@ impl Ioas {
             let d = self.lock();
             (d, Some(src.lock()))
         };
-        let pieces = match &src_areas {
-            Some(s) => s.pieces(src_iova, src_last),
-            None => areas.pieces(src_iova, src_last),
+        // A source without a record: the destination records the copy as one area, so
+        // it refuses more unmaps than the kernel would need to, never a partial one.
+        let pieces = match (&src_areas, src.record) {
+            (_, AreaRecord::Off) => vec![(src_iova, src_last)],
+            (Some(s), AreaRecord::Kept) => s.pieces(src_iova, src_last),
+            (None, AreaRecord::Kept) => areas.pieces(src_iova, src_last),
         };
         let mut c: iu::iommu_ioas_copy = sys::zeroed();
         c.size = size_of_val(&c) as u32;
@@ -373,7 +454,10 @@ impl Ioas {
             Error::map("IOMMU_IOAS_COPY", self.id, span, existing, None, e)
         })?;
         // The destination gets one area per source area piece, at the same offsets.
-        for (f, l) in pieces {
+        for (f, l) in pieces
+            .into_iter()
+            .filter(|_| self.record == AreaRecord::Kept)
+        {
             areas.insert(c.dst_iova + (f - src_iova), c.dst_iova + (l - src_iova));
         }
         Ok(c.dst_iova)

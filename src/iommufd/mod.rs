@@ -37,7 +37,7 @@ mod iommufd;
 
 pub use error::{Error, MemlockLimit, Span};
 pub use hwpt::{HwInfo, HwInfoType, Hwpt, HwptFlags, VtdInfo};
-pub use ioas::{Ioas, IovaRanges};
+pub use ioas::{AreaRecord, Ioas, IovaRanges};
 pub use iommufd::{Iommufd, RlimitMode};
 
 /// Result of iommufd operations.
