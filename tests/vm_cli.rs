@@ -282,6 +282,7 @@ bogus 1 2
 private 0x100000000
 # a comment, then a blank line
 
+status
 map
 shared 0x100001000 0x1000
 quit
@@ -300,8 +301,8 @@ status
         0,
     )?;
     let lines = json_lines(&o)?;
-    // ready, shared, private, status, bogus, bad private, map, shared, quit, exit.
-    check!(lines.len() == 10, "{} lines:\n{}", lines.len(), out(&o));
+    // ready, shared, private, status, bogus, bad private, status, map, shared, quit, exit.
+    check!(lines.len() == 11, "{} lines:\n{}", lines.len(), out(&o));
     let ready = &lines[0];
     check!(
         ready["event"] == "ready" && ready["backend"] == "iommufd",
@@ -351,21 +352,28 @@ status
         "{}",
         lines[5]
     );
+    // The bad lines changed nothing: the same status (bytes, areas, ioctls) as before them.
     check!(
-        lines[6]["command"] == "map" && lines[6]["regions"][0]["gpa"] == GPA,
-        "{}",
-        lines[6]
+        lines[6] == lines[3],
+        "status after the bad lines {} differs from before them {}",
+        lines[6],
+        lines[3]
     );
     check!(
-        lines[7]["ok"] == true && lines[7]["state"] == "shared",
+        lines[7]["command"] == "map" && lines[7]["regions"][0]["gpa"] == GPA,
         "{}",
         lines[7]
     );
-    check!(lines[8]["command"] == "quit", "{}", lines[8]);
     check!(
-        lines[9]["event"] == "exit" && lines[9]["reason"] == "quit",
+        lines[8]["ok"] == true && lines[8]["state"] == "shared",
         "{}",
-        lines[9]
+        lines[8]
+    );
+    check!(lines[9]["command"] == "quit", "{}", lines[9]);
+    check!(
+        lines[10]["event"] == "exit" && lines[10]["reason"] == "quit",
+        "{}",
+        lines[10]
     );
     Ok(())
 }
@@ -477,23 +485,44 @@ fn assign_stops_on_sigterm() -> Result<(), Failed> {
     Ok(())
 }
 
+/// Runs a command that must exit with `code` and change no driver binding, no
+/// driver_override and no record of previous drivers.
+fn refused(args: &[&str], code: i32) -> Result<Output, Failed> {
+    let before = pci::bindings();
+    let o = expect(args, None, code)?;
+    let after = pci::bindings();
+    check!(
+        before == after,
+        "vfio-gmem {args:?} changed the system: {}",
+        pci::binding_diff(&before, &after)
+    );
+    Ok(o)
+}
+
 fn documented_errors() -> Result<(), Failed> {
     let e = edus()?;
     // Unknown device: 1, names it and says how to list.
-    let o = expect(&["assign", "0000:7f:1f.7", "--memory", "2M"], None, 1)?;
+    let o = refused(&["assign", "0000:7f:1f.7", "--memory", "2M"], 1)?;
     check!(
         err(&o).contains("no PCI device 0000:7f:1f.7") && err(&o).contains("vfio-gmem list"),
         "{}",
         err(&o)
     );
+    let o = refused(&["bind", "0000:7f:1f.7"], 1)?;
+    check!(
+        err(&o).contains("no PCI device 0000:7f:1f.7"),
+        "{}",
+        err(&o)
+    );
     // Malformed device: 2.
-    let o = expect(&["bind", "0000:00:3"], None, 2)?;
+    let o = refused(&["bind", "0000:00:3"], 2)?;
     check!(err(&o).contains("is not a PCI address"), "{}", err(&o));
+    refused(&["unbind", "00:03.9"], 2)?;
     // Not bound: 1, says to bind.
     if pci::driver(&e[1]).is_some() {
         expect(&["unbind", &e[1]], None, 0)?;
     }
-    let o = expect(&["assign", &e[1], "--memory", "2M"], None, 1)?;
+    let o = refused(&["assign", &e[1], "--memory", "2M"], 1)?;
     check!(
         err(&o).contains(&format!("run `vfio-gmem bind {}`", e[1])),
         "{}",
@@ -506,7 +535,7 @@ fn documented_errors() -> Result<(), Failed> {
         .map(|d| d.file_name().to_string_lossy().into_owned())
         .find(|b| !e.contains(b))
         .ok_or("no non-edu device")?;
-    let o = expect(&["selftest", &other], None, 1)?;
+    let o = refused(&["selftest", &other], 1)?;
     check!(
         err(&o).contains("has no DMA engine") && err(&o).contains("edu (1234:11e8)"),
         "{}",
@@ -515,8 +544,10 @@ fn documented_errors() -> Result<(), Failed> {
     // Not root: 1, says so.
     for args in [
         vec!["bind", e[1].as_str()],
+        vec!["unbind", e[0].as_str()],
         vec!["assign", e[0].as_str(), "--memory", "2M"],
     ] {
+        let before = pci::bindings();
         let o = Command::new("setpriv")
             .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN])
             .args(&args)
@@ -529,16 +560,32 @@ fn documented_errors() -> Result<(), Failed> {
             err(&o)
         );
         check!(err(&o).contains("must run as root"), "{}", err(&o));
+        let after = pci::bindings();
+        check!(
+            before == after,
+            "{args:?} as nobody changed the system: {}",
+            pci::binding_diff(&before, &after)
+        );
     }
-    // Hugetlb with a size that is not a multiple of 2 MiB: usage error.
+    // Hugetlb with a size that is not a multiple of 2 MiB: usage error; no huge page
+    // reserved or taken.
     bind(&[&e[0]])?;
-    let o = expect(
+    let huge = || {
+        std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+            .unwrap_or_default()
+    };
+    let (huge0, free0) = (huge(), support::space::meminfo_kib("HugePages_Free"));
+    let o = refused(
         &["assign", &e[0], "--memory", "4K", "--backing", "hugetlb"],
-        None,
         2,
     )?;
     check!(err(&o).contains("multiple of 2 MiB"), "{}", err(&o));
-    // In use: unbinding a device that an assign session holds is refused.
+    check!(
+        (huge(), support::space::meminfo_kib("HugePages_Free")) == (huge0, free0),
+        "the refused hugetlb assign changed the huge page pool"
+    );
+    // In use: unbinding a device that an assign session holds is refused, changes
+    // nothing, and the session goes on.
     let mut child = Command::new(BIN)
         .args(["assign", &e[0], "--memory", "2M", "--json"])
         .stdin(Stdio::piped())
@@ -546,19 +593,33 @@ fn documented_errors() -> Result<(), Failed> {
         .stderr(Stdio::null())
         .spawn()
         .or_fail("spawn")?;
+    let mut reader = BufReader::new(child.stdout.take().ok_or("stdout")?);
     let mut first = String::new();
-    BufReader::new(child.stdout.as_mut().unwrap())
-        .read_line(&mut first)
-        .or_fail("ready")?;
+    reader.read_line(&mut first).or_fail("ready")?;
+    let before = pci::bindings();
     let o = cli(&["unbind", &e[0]], None)?;
+    let after = pci::bindings();
+    let mut status = String::new();
+    writeln!(child.stdin.as_mut().ok_or("stdin")?, "status").or_fail("status command")?;
+    reader.read_line(&mut status).or_fail("status answer")?;
     drop(child.stdin.take());
-    let status = child.wait().or_fail("wait")?;
-    check!(status.success(), "assign ended with {status:?}");
+    let exit = child.wait().or_fail("wait")?;
+    check!(exit.success(), "assign ended with {exit:?}");
     check!(
         o.status.code() == Some(1) && err(&o).contains("in use"),
         "unbind while assigned: {:?} {}",
         o.status.code(),
         err(&o)
+    );
+    check!(
+        before == after,
+        "the refused unbind changed the system: {}",
+        pci::binding_diff(&before, &after)
+    );
+    let status: Value = serde_json::from_str(&status).or_fail("status JSON")?;
+    check!(
+        status["ok"] == true && status["shared_bytes"] == 2u64 << 20,
+        "the session after the refused unbind: {status}"
     );
     Ok(())
 }

@@ -3,20 +3,19 @@
 
 mod support;
 
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::{Arc, Mutex};
+use std::os::fd::AsFd;
 
 use libtest_mimic::Failed;
-use support::dma_engine::DmaEngine;
 use support::edu::Edu;
+use support::space::{
+    arc_vm, confidential_setup, dma_refused, dma_works, dup, space_with_edu, GPA, PAGE,
+};
 use support::{pci, run_vm_tests, OrFail};
 use vfio_gmem::dma::{
     ConversionRequest, CutSupport, DmaSpace, GuestRegion, MapPath, PageState, SharedMemory,
     SpaceError, SpaceOptions, Strategy,
 };
-use vfio_gmem::gmem::{GmemFlags, KvmVm, MappedMemory, Memfd, VmType};
-use vfio_gmem::iommufd::Iommufd;
-use vfio_gmem::vfio::Device;
+use vfio_gmem::gmem::{GmemFlags, Memfd, VmType};
 
 fn main() {
     run_vm_tests(&[
@@ -40,18 +39,10 @@ fn main() {
             "per_granule_fallback_conversions",
             per_granule_fallback_conversions,
         ),
-        (
-            "conversions_on_a_thread_never_fault_neighbours",
-            conversions_on_a_thread_never_fault_neighbours,
-        ),
         ("bad_input_changes_nothing", bad_input_changes_nothing),
         (
             "fake_kernel_rules_match_the_real_kernel",
             fake_kernel_rules_match_the_real_kernel,
-        ),
-        (
-            "teardown_leaves_no_fds_or_pins",
-            teardown_leaves_no_fds_or_pins,
         ),
         (
             "legacy_container_space_maps_by_va_per_granule",
@@ -62,72 +53,6 @@ fn main() {
             kernel_failure_mid_batch_rolls_back,
         ),
     ]);
-}
-
-const PAGE: u64 = 4096;
-const GPA: u64 = 0x1_0000_0000;
-
-/// An edu device attached to a fresh space.
-fn space_with_edu(
-    vm: Option<KvmVm<Arc<kvm_ioctls::VmFd>>>,
-    options: SpaceOptions,
-) -> Result<(DmaSpace, Edu), Failed> {
-    let bdf = pci::edu_devices()
-        .into_iter()
-        .next()
-        .ok_or("no edu device")?;
-    pci::bind_vfio_pci(&bdf).or_fail("bind edu to vfio-pci")?;
-    let iommufd = Arc::new(Iommufd::open().or_fail("open /dev/iommu")?);
-    let mut space = DmaSpace::iommufd(&iommufd, vm, options).or_fail("create DMA space")?;
-    let dev = Device::open_cdev(pci::vfio_cdev(&bdf).or_fail("cdev")?).or_fail("open edu")?;
-    space.attach(&dev).or_fail("attach edu")?;
-    Ok((space, Edu::new(dev).or_fail("edu driver")?))
-}
-
-fn arc_vm(vm_type: VmType) -> Result<KvmVm<Arc<kvm_ioctls::VmFd>>, Failed> {
-    let vm = KvmVm::create(vm_type).or_fail("create VM")?;
-    Ok(KvmVm::from_vm_fd(Arc::new(vm.into_inner()), Some(vm_type)))
-}
-
-fn dup(fd: impl AsFd) -> Result<OwnedFd, Failed> {
-    fd.as_fd().try_clone_to_owned().or_fail("dup fd")
-}
-
-/// Proves with DMA that the page at `iova` (seen by the CPU at `view[off..]`) is mapped:
-/// RAM → device → RAM with the RAM changed in between.
-fn dma_works(
-    edu: &Edu,
-    view: &mut MappedMemory,
-    off: usize,
-    iova: u64,
-    seed: u8,
-) -> Result<(), Failed> {
-    let pattern: Vec<u8> = (0..PAGE as usize)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect();
-    view.write(off, &pattern).or_fail("write pattern")?;
-    edu.dma_from_ram(iova, PAGE).or_fail("DMA RAM→device")?;
-    view.fill(off, PAGE as usize, 0).or_fail("clear")?;
-    edu.dma_to_ram(iova, PAGE).or_fail("DMA device→RAM")?;
-    let back = view.read_vec(off, PAGE as usize).or_fail("read back")?;
-    check!(
-        back == pattern,
-        "DMA round trip through IOVA {iova:#x} did not return the pattern"
-    );
-    Ok(())
-}
-
-/// Proves the device cannot write the page at `iova`: memory stays as it was.
-fn dma_refused(edu: &Edu, view: &mut MappedMemory, off: usize, iova: u64) -> Result<(), Failed> {
-    // Load the device buffer with a pattern that differs from the RAM's.
-    view.fill(off, PAGE as usize, 0xa5).or_fail("fill")?;
-    edu.dma_to_ram(iova, PAGE).or_fail("DMA device→RAM")?;
-    let after = view.read_vec(off, PAGE as usize).or_fail("read")?;
-    check!(
-        after.iter().all(|&b| b == 0xa5),
-        "device wrote IOVA {iova:#x}, which must be unmapped"
-    );
-    Ok(())
 }
 
 fn gmem_init_shared_whole_region_maps_by_va() -> Result<(), Failed> {
@@ -215,8 +140,13 @@ fn memfd_region_maps_by_fd_offset() -> Result<(), Failed> {
 }
 
 fn hugetlb_region_maps_by_fd_offset() -> Result<(), Failed> {
-    let old = std::fs::read_to_string("/proc/sys/vm/nr_hugepages").or_fail("nr_hugepages")?;
-    std::fs::write("/proc/sys/vm/nr_hugepages", "4").or_fail("reserve huge pages")?;
+    let old = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages")
+        .or_fail("nr_hugepages")?;
+    std::fs::write(
+        "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+        "4",
+    )
+    .or_fail("reserve huge pages")?;
     let result = (|| {
         let len = 4 << 20;
         let memfd = Memfd::hugetlb("vm-dma-huge", len).or_fail("hugetlb memfd")?;
@@ -255,36 +185,12 @@ fn hugetlb_region_maps_by_fd_offset() -> Result<(), Failed> {
         )?;
         Ok(())
     })();
-    std::fs::write("/proc/sys/vm/nr_hugepages", old.trim()).or_fail("restore nr_hugepages")?;
+    std::fs::write(
+        "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages",
+        old.trim(),
+    )
+    .or_fail("restore nr_hugepages")?;
     result
-}
-
-/// SW_PROTECTED VM: gmem private backing, memfd shared backing, real attributes.
-fn confidential_setup(
-    options: SpaceOptions,
-    len: u64,
-) -> Result<(DmaSpace, Edu, Memfd, MappedMemory), Failed> {
-    let vm = arc_vm(VmType::SwProtected)?;
-    let _private = vm
-        .create_guest_memfd(len, GmemFlags::MMAP)
-        .or_fail("private gmem")?;
-    let shared = Memfd::new("vm-dma-shared", len).or_fail("memfd")?;
-    let view = shared.mmap().or_fail("mmap")?;
-    let (mut space, edu) = space_with_edu(Some(vm), options)?;
-    space
-        .add_region(
-            GuestRegion::new(
-                GPA,
-                len,
-                SharedMemory::File {
-                    fd: dup(shared.file())?,
-                    offset: 0,
-                },
-            )
-            .convertible(PageState::Shared),
-        )
-        .or_fail("add region")?;
-    Ok((space, edu, shared, view))
 }
 
 fn confidential_conversions_cut_exactly() -> Result<(), Failed> {
@@ -395,70 +301,37 @@ fn per_granule_fallback_conversions() -> Result<(), Failed> {
     Ok(())
 }
 
-fn conversions_on_a_thread_never_fault_neighbours() -> Result<(), Failed> {
-    let len = 16 * PAGE;
-    let (space, edu, _shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
-    let space = Arc::new(Mutex::new(space));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let worker = {
-        let (space, stop) = (space.clone(), stop.clone());
-        std::thread::spawn(move || -> Result<u32, String> {
-            let mut rounds = 0;
-            // Pages 2..=5 and 10..=13 flip; 0, 1, 6..=9, 14, 15 stay shared throughout.
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for (first, to) in [
-                    (2, PageState::Private),
-                    (10, PageState::Private),
-                    (2, PageState::Shared),
-                    (10, PageState::Shared),
-                ] {
-                    space
-                        .lock()
-                        .unwrap()
-                        .convert(GPA + first * PAGE, 4 * PAGE, to, false)
-                        .map_err(|e| e.to_string())?;
-                }
-                rounds += 1;
-            }
-            Ok(rounds)
-        })
-    };
-    let mut dmas = 0;
-    let t0 = std::time::Instant::now();
-    while t0.elapsed().as_secs() < 6 || dmas < 8 {
-        for p in [0u64, 7, 15] {
-            dma_works(
-                &edu,
-                &mut view,
-                (p * PAGE) as usize,
-                GPA + p * PAGE,
-                dmas as u8,
-            )?;
-            dmas += 1;
-        }
-    }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let rounds = worker.join().map_err(|_| "worker panicked")??;
-    check!(rounds > 0, "the converting thread made no progress");
-    eprintln!("{dmas} DMAs to steady shared pages during {rounds} conversion rounds: all landed");
-    let space = space.lock().unwrap();
-    for p in 0..16 {
-        check!(
-            space.page_state(GPA + p * PAGE) == Some(PageState::Shared),
-            "page {p} should end shared"
-        );
-    }
-    Ok(())
-}
-
 fn err<T>(r: Result<T, SpaceError>) -> String {
     r.err().map(|e| e.to_string()).unwrap_or_default()
 }
 
 fn bad_input_changes_nothing() -> Result<(), Failed> {
     let len = 16 * PAGE;
-    let (mut space, _edu, shared, _view) = confidential_setup(SpaceOptions::default(), len)?;
-    let before = (space.area_count(), space.totals().ioctls);
+    let (mut space, edu, shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
+    space
+        .convert(GPA + 4 * PAGE, 2 * PAGE, PageState::Private, false)
+        .or_fail("pages 4, 5 private")?;
+    // Everything the refusals must leave alone: counters, regions, page states, the
+    // tracker's areas, this process's fds and pinned pages.
+    let state = |space: &DmaSpace| {
+        (
+            space.area_count(),
+            space.totals().ioctls,
+            format!("{:?}", space.regions()),
+            (0..17)
+                .map(|p| space.page_state(GPA + p * PAGE))
+                .collect::<Vec<_>>(),
+            space
+                .memory()
+                .areas()
+                .map(|a| (a.iova, a.len))
+                .collect::<Vec<_>>(),
+            support::space::open_fds(),
+            support::space::status_kib("VmPin"),
+        )
+    };
+    let efd = vfio_gmem::vfio::EventFd::new().or_fail("eventfd")?;
+    let before = state(&space);
     let e = err(space.convert(GPA + len, PAGE, PageState::Private, false));
     check!(e.contains("region"), "outside any region: {e}");
     let e = err(space.convert(GPA + 1, PAGE, PageState::Private, false));
@@ -487,7 +360,6 @@ fn bad_input_changes_nothing() -> Result<(), Failed> {
         "first range of a failed batch changed"
     );
     // Wrong fd type: an eventfd cannot back guest memory.
-    let efd = vfio_gmem::vfio::EventFd::new().or_fail("eventfd")?;
     let e = err(space.add_region(GuestRegion::new(
         GPA + 2 * len,
         PAGE,
@@ -501,11 +373,14 @@ fn bad_input_changes_nothing() -> Result<(), Failed> {
         "an eventfd must not be accepted as guest memory"
     );
     eprintln!("wrong fd type: {e}");
+    let after = state(&space);
     check!(
-        (space.area_count(), space.totals().ioctls) == before,
-        "bad input changed state: {before:?} → {:?}",
-        (space.area_count(), space.totals().ioctls)
+        after == before,
+        "bad input changed state: {before:?} → {after:?}"
     );
+    // And the kernel agrees: the device still reaches page 3 and not page 4.
+    dma_works(&edu, &mut view, (3 * PAGE) as usize, GPA + 3 * PAGE, 3)?;
+    dma_refused(&edu, &mut view, (4 * PAGE) as usize, GPA + 4 * PAGE)?;
     Ok(())
 }
 
@@ -642,52 +517,6 @@ fn fake_kernel_rules_match_the_real_kernel() -> Result<(), Failed> {
         check!(k == f, "step {i} {step:?}: kernel {k:?}, fake {f:?}");
     }
     eprintln!("{} calls: fake == kernel at every step", script.len());
-    Ok(())
-}
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// `VmPin` of this process in KiB (pages pinned for DMA).
-fn vm_pin_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmPin:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(u64::MAX)
-}
-
-/// Dropping every object returns fds and pinned pages to their baseline, and the device
-/// can be assigned again.
-fn teardown_leaves_no_fds_or_pins() -> Result<(), Failed> {
-    let (fds0, pin0) = (open_fds(), vm_pin_kib());
-    for round in 0..2 {
-        let len = 64 * PAGE;
-        let (mut space, edu, shared, mut view) = confidential_setup(SpaceOptions::default(), len)?;
-        space
-            .convert(GPA + 8 * PAGE, 8 * PAGE, PageState::Private, false)
-            .or_fail("convert")?;
-        dma_works(&edu, &mut view, 0, GPA, round)?;
-        let pinned = vm_pin_kib();
-        check!(
-            pinned >= pin0 + 56 * 4,
-            "expected ≥ 224 KiB pinned while mapped, VmPin {pin0} → {pinned} KiB"
-        );
-        drop((edu, space, view, shared));
-        let (fds, pin) = (open_fds(), vm_pin_kib());
-        check!(
-            fds == fds0,
-            "round {round}: {fds0} fds before, {fds} after dropping everything"
-        );
-        check!(
-            pin == pin0,
-            "round {round}: VmPin {pin0} KiB before, {pin} KiB after"
-        );
-    }
     Ok(())
 }
 

@@ -180,16 +180,24 @@ fn sw_protected_flags() -> Result<(), Failed> {
     // Pages start private: touching them would SIGBUS, so the test only maps.
     gmem.punch_hole(0, PAGE as u64).or_fail("punch_hole")?;
 
+    let fds = support::space::open_fds();
     let e = vm
         .create_guest_memfd(2 * PAGE as u64, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
         .unwrap_err();
     println!("SW_PROTECTED MMAP|INIT_SHARED: {e}");
+    check!(
+        support::space::open_fds() == fds,
+        "the refused guest_memfd left an fd open"
+    );
     check!(
         e.to_string()
             .starts_with("guest_memfd flag INIT_SHARED is refused on a SW_PROTECTED VM (EINVAL)")
             && e.to_string().ends_with("create with MMAP only"),
         "unexpected message: {e}"
     );
+    // Nothing changed: the VM still creates the guest_memfd it accepts.
+    vm.create_guest_memfd(PAGE as u64, GmemFlags::MMAP)
+        .or_fail("MMAP guest_memfd after the refusal")?;
     // The kernel itself refuses it too (the check above is not stricter than KVM).
     let raw = vm.vm_fd().create_guest_memfd(kvm_create_guest_memfd {
         size: PAGE as u64,
@@ -223,8 +231,14 @@ fn memory_attributes() -> Result<(), Failed> {
     let e = vm.set_private(GPA + 1, len).unwrap_err();
     println!("unaligned attributes: {e}");
     check!(e.to_string().contains("multiples of 0x1000"), "{e}");
+    // Nothing changed: the same range still converts both ways.
+    vm.set_private(GPA, len)
+        .or_fail("private after the refusal")?;
+    vm.set_shared(GPA, len)
+        .or_fail("shared after the refusal")?;
 
     let def = KvmVm::create(VmType::Default).or_fail("create default VM")?;
+    let fds = support::space::open_fds();
     let e = def.set_private(GPA, len).unwrap_err();
     println!("default VM private: {e}");
     check!(
@@ -236,6 +250,10 @@ fn memory_attributes() -> Result<(), Failed> {
     check!(
         KvmAttributes::new(&def).set_attributes(&op) == Err(OpError::from_errno(libc::EINVAL)),
         "executor on a default VM did not fail with EINVAL"
+    );
+    check!(
+        support::space::open_fds() == fds,
+        "refused attributes opened or closed an fd"
     );
     // The kernel agrees: PRIVATE on a default VM is EINVAL.
     let raw = def.vm_fd().set_memory_attributes(kvm_memory_attributes {
@@ -281,12 +299,27 @@ fn adopt() -> Result<(), Failed> {
         "read back"
     );
 
+    // Refused adoptions change nothing: the file keeps its size and contents, and the
+    // fd handed over is closed, not leaked.
     let mem = Memfd::new("not-gmem", PAGE as u64).or_fail("memfd")?;
-    let e = GuestMemfd::adopt(mem.into_file().into()).unwrap_err();
+    let mut view = mem.mmap().or_fail("mmap memfd")?;
+    view.write(0, b"keep").or_fail("write")?;
+    let fds = support::space::open_fds();
+    let given: OwnedFd = mem.file().try_clone().or_fail("dup")?.into();
+    let e = GuestMemfd::adopt(given).unwrap_err();
     println!("adopt memfd: {e}");
     check!(
         e.to_string().contains("it is a memfd (/memfd:not-gmem"),
         "{e}"
+    );
+    check!(
+        support::space::open_fds() == fds,
+        "the refused adoption leaked or closed an fd"
+    );
+    check!(
+        mem.file().metadata().or_fail("stat")?.len() == PAGE as u64
+            && view.read_vec(0, 4).or_fail("read")? == b"keep",
+        "the refused adoption changed the memfd"
     );
     let kvm = std::fs::File::open("/dev/kvm").or_fail("open /dev/kvm")?;
     let e = GuestMemfd::adopt(kvm.into()).unwrap_err();
@@ -305,11 +338,12 @@ fn adopt() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Sets `/proc/sys/vm/nr_hugepages` and puts the old value back on drop.
+/// Sets the 2 MiB pool's size (sysfs: present even on kernels without sysctl) and puts
+/// the old value back on drop.
 struct HugePages(String);
 
 impl HugePages {
-    const PATH: &'static str = "/proc/sys/vm/nr_hugepages";
+    const PATH: &'static str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
     fn set(n: u64) -> Result<Self, Failed> {
         let old = std::fs::read_to_string(Self::PATH).or_fail("read nr_hugepages")?;
@@ -347,6 +381,12 @@ fn hugetlb() -> Result<(), Failed> {
         let e = mem.allocate(0, size).unwrap_err();
         println!("hugetlb allocate without reserved pages: {e}");
         check!(matches!(e, GmemError::NoHugePages { .. }), "{e}");
+        // Nothing changed: the pool and the file are as they were.
+        check!(
+            HugePages::now() == "0" && mem.file().metadata().or_fail("stat")?.len() == size,
+            "the refusals changed the pool ({}) or the file",
+            HugePages::now()
+        );
     }
     let _two = HugePages::set(2)?;
     check!(

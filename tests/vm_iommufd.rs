@@ -63,6 +63,10 @@ fn setup() -> Result<(Arc<Iommufd>, RawEdu), Failed> {
     Ok((iommufd, edu))
 }
 
+fn vm_pin_kib() -> u64 {
+    support::space::status_kib("VmPin")
+}
+
 fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| (i as u8).wrapping_mul(7).wrapping_add(seed))
@@ -179,6 +183,7 @@ fn va_and_file_round_trip_then_unmapped_refused() -> Result<(), Failed> {
     round_trip(&edu, fiova, &mut f_map.bytes()[PAGE as usize..], 2)?;
 
     // Overlap is explained and changes nothing.
+    let (areas, pin) = (ioas.areas(), vm_pin_kib());
     let e = expect_err(
         ioas.map_user(Iova::Fixed(BASE), va_map.addr(), PAGE, Access::READ_WRITE),
         "overlapping map",
@@ -192,6 +197,14 @@ fn va_and_file_round_trip_then_unmapped_refused() -> Result<(), Failed> {
         "overlap errno {:?}",
         e.errno()
     );
+    check!(
+        ioas.areas() == areas && vm_pin_kib() == pin,
+        "the refused overlapping map changed areas {areas:?} → {:?} or VmPin {pin} → {} KiB",
+        ioas.areas(),
+        vm_pin_kib()
+    );
+    // The existing mapping still reaches the page it mapped (not the one offered).
+    round_trip(&edu, BASE, &mut va_map.bytes()[PAGE as usize..], 4)?;
 
     // Unmap the VA page; a device write to it must be refused, memory unchanged.
     check!(
@@ -291,6 +304,7 @@ fn partial_unmap_is_refused_and_area_stays_mapped() -> Result<(), Failed> {
     .or_fail("map_file 4 pages")?;
 
     // The library refuses before the kernel changes anything, naming the area.
+    let areas = ioas.areas();
     let e = expect_err(ioas.unmap(BASE + PAGE, PAGE), "partial unmap")?;
     check!(
         matches!(e, Error::PartialUnmap { area: Some(a), .. } if a == Span::new(BASE, 4 * PAGE)),
@@ -323,6 +337,11 @@ fn partial_unmap_is_refused_and_area_stays_mapped() -> Result<(), Failed> {
         "raw IOMMU_IOAS_UNMAP of a cut: {r:?}, expected ENOENT"
     );
 
+    check!(
+        ioas.areas() == areas,
+        "refused partial unmaps changed the areas: {areas:?} → {:?}",
+        ioas.areas()
+    );
     // Still mapped: DMA through every page, including the one asked to go.
     for i in 0..4u64 {
         let page = &mut map.bytes()[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
@@ -516,10 +535,12 @@ fn map_file_of_guest_memfd_is_explained() -> Result<(), Failed> {
     // SAFETY: a fresh fd returned by KVM_CREATE_GUEST_MEMFD, owned by nobody else.
     let gmem = unsafe { OwnedFd::from_raw_fd(raw) };
 
+    let pin = vm_pin_kib();
     let e = expect_err(
         ioas.map_file(Iova::Fixed(BASE), gmem.as_fd(), 0, PAGE, Access::READ_WRITE),
         "MAP_FILE of guest_memfd",
     )?;
+    check!(vm_pin_kib() == pin, "a refused MAP_FILE left pages pinned");
     check!(matches!(e, Error::FileNotPinnable { .. }), "{e:?}");
     let msg = e.to_string();
     check!(
@@ -630,6 +651,7 @@ fn memlock_limit_is_explained() -> Result<(), Failed> {
         rlim_cur: 0,
         rlim_max: 0,
     };
+    let pin = vm_pin_kib();
     // SAFETY: getrlimit/setrlimit read/write one rlimit through valid pointers.
     unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut old) };
     let small = libc::rlimit {
@@ -660,6 +682,11 @@ fn memlock_limit_is_explained() -> Result<(), Failed> {
         "message: {msg}"
     );
     check!(ioas.areas().is_empty(), "a refused map left an area");
+    check!(
+        vm_pin_kib() == pin,
+        "the refused map left pages pinned: VmPin {pin} → {} KiB",
+        vm_pin_kib()
+    );
     // With the limit restored (and CAP_IPC_LOCK) the same map works.
     ioas.map_user(Iova::Fixed(BASE), addr, len, Access::READ_WRITE)
         .or_fail("map_user after restoring the limit")?;

@@ -464,6 +464,7 @@ fn cdev_second_user_refused_first_unaffected() -> Result<(), Failed> {
     let mem = memfd("second", PAGE).or_fail("memfd")?;
     let ram = Mapping::new(&mem, 0, PAGE as usize).or_fail("mmap")?;
     ioas_map_va(&iommufd, iommufd.ioas, ram.addr(), PAGE, IOVA)?;
+    let before = pci::bindings();
     // A second open of the cdev succeeds (the kernel only checks at bind time) ...
     let second = Device::open_pci(bdf).or_fail("second open")?;
     let other = RawIommufd::open().or_fail("second iommufd")?;
@@ -500,11 +501,27 @@ fn cdev_second_user_refused_first_unaffected() -> Result<(), Failed> {
         PciSysfs::new().device(bdf).or_fail("dev")?.is_vfio_bound(),
         "driver changed"
     );
+    unchanged(&before, "the refused second user and unbind")?;
     // The first user is unaffected.
     round_trip(&eng, ram.bytes(), IOVA, 8)
 }
 
+/// Fails unless `before` equals the system's bindings now.
+fn unchanged(before: &pci::BindingSnapshot, what: &str) -> Result<(), Failed> {
+    let after = pci::bindings();
+    check!(
+        *before == after,
+        "{what} changed the system: {}",
+        pci::binding_diff(before, &after)
+    );
+    Ok(())
+}
+
 fn bad_input_unknown_and_unbound_devices() -> Result<(), Failed> {
+    // edu #2 left unbound (this kernel binds nothing to edu by default).
+    let bdf = edus()?[1];
+    let _ = Binder::new().unbind(bdf);
+    let before = pci::bindings();
     let e = "00:09".parse::<Bdf>().err().ok_or("bad BDF accepted")?;
     check!(e.to_string().contains("0000:00:03.0"), "{e}");
     let nobody: Bdf = "0000:00:1e.0".parse().unwrap();
@@ -517,9 +534,6 @@ fn bad_input_unknown_and_unbound_devices() -> Result<(), Failed> {
         .err()
         .ok_or("bound a missing device")?;
     check!(matches!(e, VfioError::NoSuchDevice { .. }), "{e}");
-    // edu #2 left unbound (this kernel binds nothing to edu by default).
-    let bdf = edus()?[1];
-    let _ = Binder::new().unbind(bdf);
     let e = Device::open_pci(bdf)
         .err()
         .ok_or("opened an unbound device")?;
@@ -538,6 +552,7 @@ fn bad_input_unknown_and_unbound_devices() -> Result<(), Failed> {
         .err()
         .ok_or("opened a group with no vfio member")?;
     check!(e.to_string().contains("vfio-gmem bind"), "{e}");
+    unchanged(&before, "refused opens and binds")?;
     // The watchdog is bound to its own driver: readiness names it.
     let wd: Bdf = "0000:00:02.0".parse().unwrap();
     match PciSysfs::new().readiness(wd).or_fail("readiness")? {
@@ -623,7 +638,13 @@ fn legacy_dma_round_trip_unmap_and_msi() -> Result<(), Failed> {
 }
 
 fn legacy_second_group_open_refused() -> Result<(), Failed> {
-    let (eng, _c, g) = legacy_edu(1)?;
+    let (eng, c, g) = legacy_edu(1)?;
+    let mem = memfd("legacy-second", PAGE).or_fail("memfd")?;
+    let ram = Mapping::new(&mem, 0, PAGE as usize).or_fail("mmap")?;
+    c.map_user(Iova::Fixed(IOVA), ram.addr(), PAGE, Access::READ_WRITE)
+        .or_fail("MAP_DMA")?;
+    round_trip(&eng, ram.bytes(), IOVA, 12)?;
+    let before = pci::bindings();
     let e = Group::open(g.id())
         .err()
         .ok_or("second group open succeeded")?;
@@ -645,7 +666,9 @@ fn legacy_second_group_open_refused() -> Result<(), Failed> {
         eng.bar0().read_u32(edu::REG_ID) & 0xff == 0xed,
         "first user lost the device"
     );
-    Ok(())
+    unchanged(&before, "the refused second group open and cdev bind")?;
+    // The first user's mapping and DMA are unaffected.
+    round_trip(&eng, ram.bytes(), IOVA, 13)
 }
 
 /// Without interrupt remapping (virtio-iommu on x86) and without the unsafe-interrupts
@@ -665,6 +688,7 @@ fn no_irq_remap_is_explained() -> Result<(), Failed> {
     let unsafe_ok = param("iommufd");
     let virtio = support::vm_iommu().as_deref() == Some("virtio");
     let bdf = bound_edu(0)?;
+    let before = pci::bindings();
     let iommufd = RawIommufd::open().or_fail("iommufd")?;
     let dev = Device::open_pci(bdf).or_fail("open cdev")?;
     let r = dev.bind_iommufd(iommufd.fd.as_fd());
@@ -696,6 +720,7 @@ fn no_irq_remap_is_explained() -> Result<(), Failed> {
             );
             eprintln!("legacy: {e}");
         }
+        unchanged(&before, "the refused binds")?;
     } else {
         r.or_fail("bind with remapping or the override")?;
     }
@@ -735,6 +760,7 @@ fn non_viable_group_named_then_taken_over_and_restored() -> Result<(), Failed> {
         .or_fail("sata")?
         .iommu_group
         .ok_or("no group")?;
+    let before = pci::bindings();
     let r = s.readiness(sata_bdf).or_fail("readiness")?;
     let Readiness::NotReady(why) = r else {
         return Err(format!("non-viable group reported ready: {r:?}").into());
@@ -763,6 +789,7 @@ fn non_viable_group_named_then_taken_over_and_restored() -> Result<(), Failed> {
         "cdev bind in a non-viable group: {e}"
     );
     drop(dev);
+    unchanged(&before, "the refusals of a non-viable group")?;
     // bind takes the whole group over, recording iosf_mbi_pci and its override ...
     let plan = Binder::new().bind(sata_bdf).or_fail("bind the group")?;
     check!(plan.group == g, "plan for group {}", plan.group);

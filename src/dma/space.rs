@@ -192,7 +192,14 @@ struct Slot {
 
 enum Iommu {
     Iommufd { ioas: Ioas },
-    Mapper(Box<dyn DmaMapper + Send>),
+    Mapper(Box<dyn DmaMapper + Send + Sync>),
+}
+
+/// A device attached through [`DmaSpace::attach`].
+struct Attached {
+    /// [`Device::node_id`](crate::vfio::Device): the same for every open of the device.
+    node: u64,
+    name: String,
 }
 
 /// Guest memory as devices see it.
@@ -215,13 +222,50 @@ enum Iommu {
 /// space.convert(0x10_0000, 0x4000, PageState::Shared, false)?;  // mapped after
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
+///
+/// # Threads, and what holds under concurrency
+///
+/// `DmaSpace` is `Send + Sync` (asserted at compile time). Everything that changes it
+/// takes `&mut self` — [`attach`](Self::attach), [`detach`](Self::detach),
+/// [`add_region`](Self::add_region), [`remove_region`](Self::remove_region),
+/// [`convert`](Self::convert), [`convert_batch`](Self::convert_batch) — and everything
+/// that reads it takes `&self`. A VMM whose vCPU threads handle conversion exits shares
+/// one space as `Arc<Mutex<DmaSpace>>` (or `Arc<RwLock<_>>` to let [`page_state`]
+/// queries run in parallel). With that lock:
+///
+/// - **Atomic calls, in lock order.** Each call runs to completion (or full rollback)
+///   while the lock is held, so calls are linearized in lock-acquisition order: a
+///   page's state is the `to` of the last *successful* call, in that order, that covered
+///   it. Overlapping conversions from different threads do not interleave and none is
+///   lost; a failed call changes nothing (or its error says exactly what it left:
+///   [`Outcome`](super::Outcome)).
+/// - **Tracker equals kernel between calls.** Whenever the lock is free, the areas the
+///   space records are exactly the areas in the kernel's IOAS, and each page is mapped
+///   iff it is shared.
+/// - **No hiccup for untouched pages.** A page that is shared before and after a call is
+///   never unmapped, not even for a moment, so devices DMA to such pages concurrently
+///   with conversions elsewhere, without taking the lock (devices never do).
+/// - **Safe order inside a call.** Going private, the IOMMU mapping is gone before KVM
+///   flips the attribute and before the shared backing is discarded; going shared, the
+///   mapping appears only after the attribute flipped. A thread that sees a conversion
+///   to private return knows no device can reach those pages any more.
+/// - **Not covered:** ordering against the guest (resume the vCPU only after the call
+///   returns) and between different spaces.
+///
+/// Dropping the space destroys its IOAS; if a device is still attached (dropped after
+/// the space, or never [`detach`](Self::detach)ed), the IOAS is emptied instead, so no
+/// page stays pinned and no device reaches guest memory after the drop, in any drop
+/// order; the empty IOAS is destroyed once the device lets go of it
+/// ([`Iommufd::reap_orphans`](crate::iommufd::Iommufd::reap_orphans)).
+///
+/// [`page_state`]: Self::page_state
 pub struct DmaSpace {
     iommu: Iommu,
     vm: Option<KvmVm<Arc<VmFd>>>,
     memory: GuestMemory,
     slots: HashMap<RegionId, Slot>,
     cut: CutSupport,
-    devices: usize,
+    attached: Vec<Attached>,
     options: SpaceOptions,
     totals: Stats,
 }
@@ -252,14 +296,12 @@ impl DmaSpace {
     /// already set: devices are attached by the caller; mapping is by VA with
     /// per-granule areas for convertible regions.
     pub fn with_mapper(
-        mapper: Box<dyn DmaMapper + Send>,
+        mapper: Box<dyn DmaMapper + Send + Sync>,
         vm: Option<KvmVm<Arc<VmFd>>>,
         options: SpaceOptions,
     ) -> Self {
         let cut = CutSupport::Unavailable(format!("{} cannot cut areas", mapper.backend()));
-        let mut space = DmaSpace::with(Iommu::Mapper(mapper), vm, options, cut);
-        space.devices = 1;
-        space
+        DmaSpace::with(Iommu::Mapper(mapper), vm, options, cut)
     }
 
     fn with(
@@ -274,7 +316,7 @@ impl DmaSpace {
             memory: GuestMemory::new(),
             slots: HashMap::new(),
             cut,
-            devices: 0,
+            attached: Vec::new(),
             options,
             totals: Stats::default(),
         }
@@ -310,15 +352,26 @@ impl DmaSpace {
                 detail: "this space uses a legacy container: add the device's group to the container instead".into(),
             });
         };
-        let attach_err = |e: crate::vfio::VfioError| SpaceError::Attach {
+        let attach_err = |detail: String| SpaceError::Attach {
             device: device.name().to_string(),
-            detail: e.to_string(),
+            detail,
         };
+        let node = device
+            .node_id()
+            .map_err(|e| attach_err(format!("cannot stat the device fd: {e}")))?;
+        if self.attached.iter().any(|a| a.node == node) {
+            return Err(attach_err("already attached to this DMA space".into()));
+        }
         device
             .bind_iommufd(ioas.iommufd().as_fd())
-            .map_err(attach_err)?;
-        device.attach(ioas.id()).map_err(attach_err)?;
-        self.devices += 1;
+            .map_err(|e| attach_err(e.to_string()))?;
+        device
+            .attach(ioas.id())
+            .map_err(|e| attach_err(e.to_string()))?;
+        self.attached.push(Attached {
+            node,
+            name: device.name().to_string(),
+        });
         if self.cut == CutSupport::NotProbed {
             self.cut = probe_cut(ioas);
             log::info!("IOAS {}: area cutting {:?}", ioas.id(), self.cut);
@@ -326,9 +379,43 @@ impl DmaSpace {
         Ok(())
     }
 
+    /// Detaches `device` (attached with [`DmaSpace::attach`]) from this space: its DMA is
+    /// blocked from then on; the space's mappings stay for the other devices. The device
+    /// stays bound to the space's iommufd (VFIO has no unbind short of closing the fd).
+    ///
+    /// Detaching is optional before dropping the space: dropping it empties the IOAS if
+    /// a device still uses it, so no page stays pinned and no device reaches guest memory
+    /// afterwards, whatever the drop order (see the type's docs).
+    pub fn detach(&mut self, device: &crate::vfio::Device) -> Result<(), SpaceError> {
+        let err = |detail: String| SpaceError::Attach {
+            device: device.name().to_string(),
+            detail,
+        };
+        let node = device
+            .node_id()
+            .map_err(|e| err(format!("cannot stat the device fd: {e}")))?;
+        let Some(i) = self.attached.iter().position(|a| a.node == node) else {
+            return Err(err("not attached to this DMA space".into()));
+        };
+        device.detach().map_err(|e| err(e.to_string()))?;
+        self.attached.remove(i);
+        Ok(())
+    }
+
+    /// Names of the devices attached through [`DmaSpace::attach`], in attach order.
+    pub fn attached_devices(&self) -> impl Iterator<Item = &str> {
+        self.attached.iter().map(|a| a.name.as_str())
+    }
+
+    fn has_device(&self) -> bool {
+        // A mapper-backed space (legacy container) has its groups' devices set by the
+        // caller before the space exists.
+        matches!(self.iommu, Iommu::Mapper(_)) || !self.attached.is_empty()
+    }
+
     /// Adds a region and maps its shared pages; returns its id.
     pub fn add_region(&mut self, region: GuestRegion) -> Result<RegionId, SpaceError> {
-        if self.devices == 0 {
+        if !self.has_device() {
             return Err(SpaceError::NoDevice);
         }
         let strategy = match region.convertible {

@@ -120,12 +120,17 @@ pub(crate) fn check_range(
     Err(GmemError::invalid(what(), detail))
 }
 
-/// Current `/proc/sys/vm/nr_hugepages` (for messages).
+/// Current `/proc/sys/vm/nr_hugepages` (for messages); the 2 MiB pool's sysfs knob on
+/// kernels without sysctl.
 pub(crate) fn nr_hugepages() -> String {
     std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
+        .or_else(|_| std::fs::read_to_string(NR_HUGEPAGES_2M))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
+
+/// The 2 MiB huge page pool's size in sysfs (present with or without sysctl).
+pub(crate) const NR_HUGEPAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
 
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;

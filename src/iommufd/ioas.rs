@@ -21,7 +21,9 @@ pub struct IovaRanges {
     pub alignment: u64,
 }
 
-/// An IO address space (`IOMMU_IOAS_ALLOC`), destroyed on drop.
+/// An IO address space (`IOMMU_IOAS_ALLOC`), destroyed on drop. If a device or HWPT
+/// still uses it then, it is emptied at once (nothing stays pinned or reachable) and
+/// destroyed as soon as it is free ([`Iommufd::reap_orphans`]).
 ///
 /// Devices attach to it (VFIO cdev `ATTACH_IOMMUFD_PT` with [`Ioas::id`]) and see
 /// exactly what is mapped in it.
@@ -133,6 +135,7 @@ impl Ioas {
     /// # Ok::<(), vfio_gmem::iommufd::Error>(())
     /// ```
     pub fn with_record(iommufd: &Arc<Iommufd>, record: AreaRecord) -> Result<Ioas> {
+        iommufd.reap_orphans();
         let mut a: iu::iommu_ioas_alloc = sys::zeroed();
         a.size = size_of_val(&a) as u32;
         sys::ioctl_mut(iommufd.as_fd(), sys::IOMMU_IOAS_ALLOC, &mut a)
@@ -574,14 +577,36 @@ impl Ioas {
 impl Drop for Ioas {
     fn drop(&mut self) {
         // Destroying unmaps everything. It fails (EBUSY) while a device or HWPT still
-        // uses the IOAS; the kernel object then lives until the iommufd closes.
-        if let Err(e) = self.iommufd.destroy(self.id) {
-            log::warn!(
-                "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}; detach devices and \
-                 drop HWPTs before the IOAS",
+        // uses the IOAS. Dropping the handle still means "these mappings are gone":
+        // empty the IOAS at once, so no page stays pinned and no device reaches memory
+        // its owner may free next (a VMM unmapping guest RAM right after dropping its DMA
+        // space); the empty object is destroyed as soon as it is free (reap_orphans).
+        self.iommufd.reap_orphans();
+        match self.iommufd.destroy(self.id) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                match self.unmap_all() {
+                    Ok(bytes) => log::debug!(
+                        "IOAS {} is still attached (a device or HWPT uses it): unmapped its \
+                         {bytes:#x} bytes; it is destroyed once free (Iommufd::reap_orphans, \
+                         run at every IOAS allocation and drop) or when iommufd fd {} closes",
+                        self.id,
+                        self.iommufd.raw()
+                    ),
+                    Err(u) => log::warn!(
+                        "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}, and emptying \
+                         it failed too: {u}; its pages stay pinned until its devices close",
+                        self.id,
+                        self.iommufd.raw()
+                    ),
+                }
+                self.iommufd.orphan(self.id);
+            }
+            Err(e) => log::warn!(
+                "IOMMU_DESTROY of IOAS {} on iommufd fd {} failed: {e}",
                 self.id,
                 self.iommufd.raw()
-            );
+            ),
         }
     }
 }

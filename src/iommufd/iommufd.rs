@@ -41,6 +41,8 @@ pub struct Iommufd {
     ///
     /// [`Ioas`]: super::Ioas
     pub(super) compat_epoch: std::sync::atomic::AtomicU64,
+    /// IOASes dropped while a device still used them (emptied, not yet destroyed).
+    orphans: std::sync::Mutex<Vec<u32>>,
 }
 
 impl Iommufd {
@@ -73,6 +75,7 @@ impl Iommufd {
         Ok(Iommufd {
             fd: file.into(),
             compat_epoch: Default::default(),
+            orphans: Default::default(),
         })
     }
 
@@ -89,6 +92,7 @@ impl Iommufd {
         let me = Iommufd {
             fd,
             compat_epoch: Default::default(),
+            orphans: Default::default(),
         };
         // Reading a global option is harmless and only an iommufd answers it.
         me.rlimit_mode().map_err(|e| Error::Ioctl {
@@ -169,6 +173,41 @@ impl Iommufd {
         o.val64 = val;
         sys::ioctl_mut(self.as_fd(), sys::IOMMU_OPTION, &mut o)?;
         Ok(o.val64)
+    }
+
+    /// Destroys the IOASes that were dropped while a device still used them (dropping an
+    /// [`Ioas`] empties it at once; the kernel object can only go once nothing uses it).
+    /// Runs by itself at every [`Ioas::new`] and IOAS drop on this iommufd; closing the
+    /// iommufd frees them too. Returns how many are still in use.
+    ///
+    /// ```no_run
+    /// # let iommufd: vfio_gmem::iommufd::Iommufd = unimplemented!();
+    /// // after closing the devices of a dropped DmaSpace:
+    /// assert_eq!(iommufd.reap_orphans(), 0);
+    /// ```
+    pub fn reap_orphans(&self) -> usize {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        orphans.retain(|&id| match self.destroy(id) {
+            Ok(()) => {
+                log::debug!("IOMMU_DESTROY of orphaned IOAS {id}: done");
+                false
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => true,
+            // ENOENT: someone else destroyed it; anything else will not get better.
+            Err(e) => {
+                log::debug!("orphaned IOAS {id}: {e}; forgotten");
+                false
+            }
+        });
+        orphans.len()
+    }
+
+    /// Records an IOAS that could not be destroyed yet (see [`Iommufd::reap_orphans`]).
+    pub(super) fn orphan(&self, id: u32) {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id);
     }
 
     /// `IOMMU_DESTROY` of any object id.

@@ -6,7 +6,7 @@
 //! | type | kernel object | lifetime |
 //! |---|---|---|
 //! | [`Iommufd`] | the `/dev/iommu` file (context) | closes with the last `Arc` |
-//! | [`Ioas`] | `IOMMU_IOAS_ALLOC` IO address space | `IOMMU_DESTROY` on drop |
+//! | [`Ioas`] | `IOMMU_IOAS_ALLOC` IO address space | `IOMMU_DESTROY` on drop; still attached: emptied at once, destroyed once free ([`Iommufd::reap_orphans`]) |
 //! | [`Hwpt`] | `IOMMU_HWPT_ALLOC` hardware page table | `IOMMU_DESTROY` on drop |
 //!
 //! Failures are [`Error`]s that name the object and say what to do. [`Ioas`] also

@@ -221,6 +221,13 @@ impl Device {
         Ok(a.pt_id)
     }
 
+    /// The device number of the VFIO node behind this fd (`st_rdev`): the same for
+    /// every open of one device, different between devices.
+    pub(crate) fn node_id(&self) -> io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(self.file.metadata()?.rdev())
+    }
+
     /// Detaches from the current IOAS/HWPT: all device DMA is blocked afterwards.
     pub fn detach(&self) -> Result<()> {
         let mut d: vu::vfio_device_detach_iommufd_pt = sys::zeroed();

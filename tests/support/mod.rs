@@ -7,6 +7,7 @@ pub mod dma_engine;
 pub mod edu;
 pub mod edu_raw;
 pub mod pci;
+pub mod space;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 

@@ -77,3 +77,52 @@ pub fn iommu_fault_count() -> usize {
         })
         .count()
 }
+
+/// What a refused command must leave alone: every PCI device's driver and
+/// driver_override, and the binder's record of previous drivers.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BindingSnapshot {
+    pub devices: Vec<(String, Option<String>, String)>,
+    pub records: String,
+}
+
+pub fn bindings() -> BindingSnapshot {
+    let mut devices: Vec<(String, Option<String>, String)> = fs::read_dir("/sys/bus/pci/devices")
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let bdf = e.file_name().to_string_lossy().into_owned();
+                    let over = fs::read_to_string(e.path().join("driver_override"))
+                        .unwrap_or_default()
+                        .trim()
+                        .to_string();
+                    let drv = driver(&bdf);
+                    (bdf, drv, over)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    devices.sort();
+    BindingSnapshot {
+        devices,
+        records: fs::read_to_string(vfio_gmem::vfio::bind::DEFAULT_STATE_FILE).unwrap_or_default(),
+    }
+}
+
+/// The differences between two snapshots, for messages.
+pub fn binding_diff(a: &BindingSnapshot, b: &BindingSnapshot) -> String {
+    let mut out: Vec<String> = a
+        .devices
+        .iter()
+        .zip(&b.devices)
+        .filter(|(x, y)| x != y)
+        .map(|(x, y)| format!("{x:?} → {y:?}"))
+        .collect();
+    if a.devices.len() != b.devices.len() {
+        out.push(format!("{} → {} devices", a.devices.len(), b.devices.len()));
+    }
+    if a.records != b.records {
+        out.push(format!("records {:?} → {:?}", a.records, b.records));
+    }
+    out.join("; ")
+}

@@ -335,7 +335,8 @@ impl Session {
         let mut detached = 0;
         if self.backend == Backend::Iommufd {
             for (d, dev) in &self.devices {
-                dev.detach()
+                self.space
+                    .detach(dev)
                     .with_context(|| format!("detaching {}", d.bdf))?;
                 detached += 1;
             }

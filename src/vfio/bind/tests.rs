@@ -248,3 +248,63 @@ fn binder_unbind_of_an_unbound_device_changes_nothing() {
     let e = b.bind(bdf("0000:00:09.0")).unwrap_err();
     assert!(matches!(e, VfioError::NoSuchDevice { .. }), "{e}");
 }
+
+/// Every file, directory and symlink under `root` (contents and link targets), except
+/// the binder's lock file (a lock, not state).
+fn tree(root: &std::path::Path) -> BTreeMap<String, String> {
+    fn walk(dir: &std::path::Path, root: &std::path::Path, out: &mut BTreeMap<String, String>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            if rel.ends_with(".lock") {
+                continue;
+            }
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let v = if meta.file_type().is_symlink() {
+                format!("-> {}", std::fs::read_link(&p).unwrap().display())
+            } else if meta.is_dir() {
+                walk(&p, root, out);
+                "dir".into()
+            } else {
+                std::fs::read_to_string(&p).unwrap_or_else(|_| "<binary>".into())
+            };
+            out.insert(rel, v);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+#[test]
+fn refused_binds_change_nothing_in_sysfs_or_the_records() {
+    let f = FakeSysfs::new("bind-refused");
+    // Group 5: a bridge held by a DMA-capable driver (non-viable) and an endpoint.
+    f.add("0000:00:1c.0", 0x8086, 0x1234, 0x060400, Some(5));
+    f.set_driver("0000:00:1c.0", Some("shpchp-like"), None);
+    f.add("0000:02:00.0", 0x8086, 0x10d3, 0x020000, Some(5));
+    f.set_driver("0000:02:00.0", Some("e1000e"), None);
+    // A device without an IOMMU group.
+    f.add("0000:03:00.0", 0x8086, 0x10d3, 0x020000, None);
+    // An earlier bind's record that must survive.
+    std::fs::create_dir_all(f.path("run")).unwrap();
+    std::fs::write(f.path("run/previous-drivers"), "0000:00:04.0\t-\t-\n").unwrap();
+    let b = Binder::with(f.sysfs(), f.path("run/previous-drivers"));
+    let before = tree(&f.root);
+    for (what, target) in [
+        ("non-viable group", "0000:02:00.0"),
+        ("no IOMMU group", "0000:03:00.0"),
+        ("unknown device", "0000:09:00.0"),
+    ] {
+        let e = b.bind(bdf(target)).unwrap_err();
+        assert_eq!(tree(&f.root), before, "{what}: bind changed the tree ({e})");
+    }
+    assert!(b
+        .bind(bdf("0000:02:00.0"))
+        .unwrap_err()
+        .to_string()
+        .contains("shpchp-like"));
+}
