@@ -142,6 +142,8 @@ impl fmt::Display for Command {
     }
 }
 
+const TOO_LARGE: &str = "larger than 64 bits";
+
 /// Parses a decimal or `0x` hexadecimal number (`_` separators allowed).
 ///
 /// ```
@@ -171,7 +173,7 @@ pub fn parse_number(text: &str) -> Result<u64, ParseError> {
             "expected decimal digits or 0x hex"
         }));
     }
-    u64::from_str_radix(digits, radix).map_err(|_| err("larger than 64 bits"))
+    u64::from_str_radix(digits, radix).map_err(|_| err(TOO_LARGE))
 }
 
 /// Parses a size: a number as [`parse_number`], or decimal with a binary suffix
@@ -205,9 +207,11 @@ pub fn parse_size(text: &str) -> Result<u64, ParseError> {
     if digits.replace('_', "").starts_with("0X") {
         return Err(err("a suffix goes with a decimal number, e.g. 16K"));
     }
-    let n = parse_number(digits).map_err(|_| err("expected e.g. 4K, 2M, 1G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| err("larger than 64 bits"))
+    let n = parse_number(digits).map_err(|e| match e {
+        ParseError::Number { why: TOO_LARGE, .. } => err(TOO_LARGE),
+        _ => err("expected e.g. 4K, 2M, 1G"),
+    })?;
+    n.checked_mul(1 << shift).ok_or_else(|| err(TOO_LARGE))
 }
 
 #[cfg(test)]
@@ -282,6 +286,15 @@ mod tests {
         // Separators still work.
         assert_eq!(parse_size("1_0K"), Ok(10 << 10));
         assert_eq!(parse_number("0x_10"), Ok(0x10));
+    }
+
+    /// Found by the `sizes` target: digits too large for 64 bits before a suffix were
+    /// reported as malformed ("expected e.g. 4K").
+    #[test]
+    fn too_many_digits_before_a_suffix_is_overflow() {
+        let e = e_line("shared 0 184464407737095516184G");
+        assert!(e.contains("larger than 64 bits"), "{e}");
+        assert!(e_line("shared 0 1x8G").contains("expected e.g. 4K"));
     }
 
     fn e_line(s: &str) -> String {
