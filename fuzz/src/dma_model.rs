@@ -1091,8 +1091,10 @@ impl World {
         if expected.is_none() && spec.len / P > MAX_REGION_PAGES {
             return; // valid, but too large for the page-array model
         }
+        let (generation, calls) = (self.mem.generation(), self.k.calls());
         let plan = match self.mem.plan_register(spec) {
             Err(e) => {
+                assert_eq!((self.mem.generation(), self.k.calls()), (generation, calls));
                 assert_eq!(
                     Some(error_key(&e)),
                     expected,
