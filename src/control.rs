@@ -142,6 +142,8 @@ impl fmt::Display for Command {
     }
 }
 
+const TOO_LARGE: &str = "larger than 64 bits";
+
 /// Parses a decimal or `0x` hexadecimal number (`_` separators allowed).
 ///
 /// ```
@@ -163,14 +165,15 @@ pub fn parse_number(text: &str) -> Result<u64, ParseError> {
     if digits.is_empty() {
         return Err(err("no digits"));
     }
-    u64::from_str_radix(digits, radix).map_err(|e| match e.kind() {
-        std::num::IntErrorKind::PosOverflow => err("larger than 64 bits"),
-        _ => err(if radix == 16 {
+    // Checked here, not left to from_str_radix, which also takes a leading '+'.
+    if !digits.chars().all(|c| c.is_digit(radix)) {
+        return Err(err(if radix == 16 {
             "expected hex digits after 0x"
         } else {
             "expected decimal digits or 0x hex"
-        }),
-    })
+        }));
+    }
+    u64::from_str_radix(digits, radix).map_err(|_| err(TOO_LARGE))
 }
 
 /// Parses a size: a number as [`parse_number`], or decimal with a binary suffix
@@ -200,12 +203,15 @@ pub fn parse_size(text: &str) -> Result<u64, ParseError> {
         _ => return parse_number(text),
     };
     let digits = &stripped[..stripped.len() - 1];
-    if digits.starts_with("0X") {
+    // `_` separators go anywhere, so look for the hex prefix without them ("_0x1K").
+    if digits.replace('_', "").starts_with("0X") {
         return Err(err("a suffix goes with a decimal number, e.g. 16K"));
     }
-    let n = parse_number(digits).map_err(|_| err("expected e.g. 4K, 2M, 1G"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| err("larger than 64 bits"))
+    let n = parse_number(digits).map_err(|e| match e {
+        ParseError::Number { why: TOO_LARGE, .. } => err(TOO_LARGE),
+        _ => err("expected e.g. 4K, 2M, 1G"),
+    })?;
+    n.checked_mul(1 << shift).ok_or_else(|| err(TOO_LARGE))
 }
 
 #[cfg(test)]
@@ -252,6 +258,47 @@ mod tests {
         assert!(e("shared 0 0x10K").contains("decimal number"));
         assert!(e("shared 0 99999999999T").contains("larger than 64 bits"));
         assert!(e("shared 0x1ffffffffffffffff 4K").contains("larger than 64 bits"));
+    }
+
+    /// Found by the `sizes` and `control_parser` fuzz targets: `from_str_radix` took a
+    /// leading `+` (`shared +0 4K`, even `0x+10`), and a `_` before `0x` slipped a hex
+    /// number past the decimal-only rule for suffixes (`_0x10K` was 16 KiB).
+    #[test]
+    fn no_sign_and_no_hex_with_a_suffix() {
+        for text in ["+0", "+4096", "0x+10", "+0x10", "-1", "+"] {
+            let e = parse_number(text).unwrap_err().to_string();
+            assert!(e.contains("expected"), "{text}: {e}");
+        }
+        for text in ["+4K", "_0x10K", "0_x10K", "0x1_0K", "+1M"] {
+            assert!(parse_size(text).is_err(), "{text}");
+        }
+        assert!(e_line("shared +0 4K").contains("'+0' is not a number"));
+        assert!(e_line("private 0 _0x10K").contains("decimal number"));
+        // Overflow is still told apart from bad digits.
+        assert!(parse_number("99999999999999999999")
+            .unwrap_err()
+            .to_string()
+            .contains("larger than 64 bits"));
+        assert!(parse_number("99999999999999999999x")
+            .unwrap_err()
+            .to_string()
+            .contains("expected decimal digits"));
+        // Separators still work.
+        assert_eq!(parse_size("1_0K"), Ok(10 << 10));
+        assert_eq!(parse_number("0x_10"), Ok(0x10));
+    }
+
+    /// Found by the `sizes` target: digits too large for 64 bits before a suffix were
+    /// reported as malformed ("expected e.g. 4K").
+    #[test]
+    fn too_many_digits_before_a_suffix_is_overflow() {
+        let e = e_line("shared 0 184464407737095516184G");
+        assert!(e.contains("larger than 64 bits"), "{e}");
+        assert!(e_line("shared 0 1x8G").contains("expected e.g. 4K"));
+    }
+
+    fn e_line(s: &str) -> String {
+        Command::parse(s).unwrap_err().to_string()
     }
 
     proptest! {

@@ -1,0 +1,6 @@
+//! Bodies of the fuzz targets. Each module is also compiled into the host test
+//! `tests/fuzz_bodies.rs` (by `#[path]`), so `cargo test` runs the same checks over the
+//! committed corpus and over random inputs. Every check panics on a violation.
+
+pub mod dma_model;
+pub mod parsers;
