@@ -221,17 +221,17 @@ struct Side<'a> {
     unmap: Box<dyn Fn(u64, u64) -> Res<u64> + 'a>,
 }
 
-/// Where each side maps: the library at 4 GiB, the raw loop at 8 GiB (both windows hold
-/// up to 1 GiB and are live at the same time).
+/// Where the sides map: 4 GiB and 8 GiB (both windows hold up to 1 GiB and are live at
+/// the same time); the sides swap windows every round.
 const WINDOW: [u64; 2] = [IOVA, 2 * IOVA];
 
 /// One round: both sides map `n` areas of `area` bytes (area `i` from byte `i*area` of
 /// the memory), then unmap them. The work is interleaved in chunks of `chunk` areas,
 /// library and raw taking turns (and turns at going first), so that drift from the
-/// host (TCG, other jobs on the same cores) hits both sides alike. Returns seconds:
-/// [map, unmap] for [library, raw].
+/// host (TCG, other jobs on the same cores) hits both sides alike; `swap` swaps their IOVA
+/// windows. Returns seconds: [map, unmap] for [library, raw].
 #[allow(clippy::needless_range_loop)] // phase indexes both the times and the op kind
-fn round(sides: [&Side; 2], area: u64, n: u64, chunk: u64) -> Res<[[f64; 2]; 2]> {
+fn round(sides: [&Side; 2], area: u64, n: u64, chunk: u64, swap: bool) -> Res<[[f64; 2]; 2]> {
     let mut t = [[0f64; 2]; 2];
     for phase in 0..2 {
         let mut c = 0;
@@ -240,7 +240,7 @@ fn round(sides: [&Side; 2], area: u64, n: u64, chunk: u64) -> Res<[[f64; 2]; 2]>
             for s in order {
                 let start = Instant::now();
                 for i in c * chunk..((c + 1) * chunk).min(n) {
-                    let iova = WINDOW[s] + i * area;
+                    let iova = WINDOW[s ^ usize::from(swap)] + i * area;
                     if phase == 0 {
                         (sides[s].map)(iova, i * area, area)?;
                     } else {
@@ -276,10 +276,10 @@ fn compare(path: &str, lib: &Side, raw: &Side, area: u64, total: u64, rounds: us
     let n = total / area;
     // About 1-2 ms of raw work per chunk under TCG.
     let chunk = (256 * KIB / area).clamp(1, 64);
-    round([lib, raw], area, n, chunk)?;
+    round([lib, raw], area, n, chunk, false)?;
     let mut samples = Vec::new();
-    for _ in 0..rounds {
-        samples.push(round([lib, raw], area, n, chunk)?);
+    for r in 0..rounds {
+        samples.push(round([lib, raw], area, n, chunk, r % 2 == 1)?);
     }
     let col = |f: &dyn Fn(&[[f64; 2]; 2]) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
     let lm = col(&|t| t[0][0]);
@@ -1088,7 +1088,7 @@ fn main() {
         }
     } else {
         Sizes {
-            rounds: 5,
+            rounds: 11,
             cases: [(4 * KIB, 64 * MIB), (2 * MIB, GIB), (GIB, GIB)],
             conv: Shape::full(2000),
             conv_rounds: 3,
