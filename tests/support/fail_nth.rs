@@ -59,7 +59,9 @@ impl FaultInjection {
             .filter(|n| n.starts_with("fail") && root.join(n).join("verbose").exists())
             .map(|n| format!("{n}/verbose"))
             .collect();
-        knobs.extend(verbose.iter().map(|k| (k.as_str(), "0")));
+        // VM_FAULTS_VERBOSE=2 makes the kernel log a stack trace of each injected fault.
+        let level = std::env::var("VM_FAULTS_VERBOSE").unwrap_or_else(|_| "0".into());
+        knobs.extend(verbose.iter().map(|k| (k.as_str(), level.as_str())));
         let mut fi = FaultInjection { saved: Vec::new() };
         for (knob, value) in knobs {
             let path = root.join(knob);
@@ -173,6 +175,11 @@ impl Injector<'_> {
         Ok(r)
     }
 
+    /// After [`Injector::call`]: whether the fault was injected inside it.
+    pub fn injected(&self) -> bool {
+        self.consumed.get() == Some(true)
+    }
+
     /// The N of this iteration.
     pub fn n(&self) -> u32 {
         self.n
@@ -203,7 +210,12 @@ pub fn sweep(
         tolerated: 0,
         samples: Vec::new(),
     };
+    // VM_FAULTS_TRACE=1 names each N before it runs (to find the one that hangs or oopses).
+    let trace = std::env::var_os("VM_FAULTS_TRACE").is_some();
     for n in 1..=cap {
+        if trace {
+            eprintln!("  {op_name}: N = {n}");
+        }
         let inj = Injector {
             nth,
             n,

@@ -145,6 +145,16 @@ impl KernelAreas {
             }
             match raw_unmap(fd, self.scratch, a.0, a.1) {
                 Ok(n) if n == a.1 => {}
+                // Unmapping all but the last page removed whole kernel areas before
+                // failing on the one that sticks out: a boundary inside.
+                Ok(n) if n < a.1 => {
+                    return Err(format!(
+                        "expected one area {}, but the kernel has an area boundary inside \
+                         it at {:#x}",
+                        show(a),
+                        a.0 + a.1 - n
+                    ))
+                }
                 r => {
                     return Err(format!(
                         "expected area {}, but unmapping exactly it from the kernel's copy gave \
