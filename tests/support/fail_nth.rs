@@ -5,6 +5,7 @@
 //! the count still to go. An operation is swept with N = 1, 2, 3, … until it runs
 //! without reaching its N-th check.
 
+use std::cell::{Cell, RefCell};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use libtest_mimic::Failed;
+
+use super::kmsg::Kmsg;
 
 const DEBUGFS: &str = "/sys/kernel/debug";
 
@@ -143,8 +146,14 @@ pub struct SweepReport {
     pub errors: u32,
     /// And how many the kernel or the library absorbed (the operation succeeded).
     pub tolerated: u32,
+    /// Points at which the kernel logged a `WARNING:` (its own state went wrong).
+    pub kernel_warnings: u32,
     /// Error messages by kind (first one of each kind), for the log.
     pub samples: Vec<String>,
+    /// Distinct kernel warnings and what the iteration observed after them.
+    pub notes: Vec<String>,
+    /// Wall time of the sweep.
+    pub elapsed: std::time::Duration,
 }
 
 /// Every sweep of this process, for the closing summary.
@@ -153,8 +162,11 @@ pub static REPORTS: Mutex<Vec<(String, SweepReport)>> = Mutex::new(Vec::new());
 /// Arms fail-nth around exactly one operation of an iteration.
 pub struct Injector<'a> {
     nth: &'a FailNth,
+    kmsg: &'a RefCell<Kmsg>,
     n: u32,
-    consumed: std::cell::Cell<Option<bool>>,
+    consumed: Cell<Option<bool>>,
+    warnings: RefCell<Vec<String>>,
+    notes: RefCell<Vec<String>>,
 }
 
 impl Injector<'_> {
@@ -163,6 +175,8 @@ impl Injector<'_> {
         if self.consumed.get().is_some() {
             return Err("one injected call per iteration".into());
         }
+        let mut kmsg = self.kmsg.borrow_mut();
+        kmsg.read_new().map_err(|e| format!("/dev/kmsg: {e}"))?;
         self.nth
             .arm(self.n)
             .map_err(|e| format!("arm fail-nth {}: {e}", self.n))?;
@@ -172,12 +186,27 @@ impl Injector<'_> {
             .disarm()
             .map_err(|e| format!("disarm fail-nth: {e}"))?;
         self.consumed.set(Some(consumed));
+        *self.warnings.borrow_mut() = kmsg.new_warnings().map_err(|e| format!("/dev/kmsg: {e}"))?;
         Ok(r)
     }
 
     /// After [`Injector::call`]: whether the fault was injected inside it.
     pub fn injected(&self) -> bool {
         self.consumed.get() == Some(true)
+    }
+
+    /// After [`Injector::call`]: the first `WARNING:` the kernel logged during it, if
+    /// any. The kernel then says its own state is broken (e.g. an IOMMU unmap that
+    /// failed although iommufd cannot handle that), so what devices reach may differ
+    /// from what the IOAS holds; the iteration reports it instead of asserting it, and
+    /// starts over from a fresh fixture.
+    pub fn kernel_warning(&self) -> Option<String> {
+        self.warnings.borrow().first().cloned()
+    }
+
+    /// Adds a line to the sweep's report.
+    pub fn note(&self, line: String) {
+        self.notes.borrow_mut().push(line);
     }
 
     /// The N of this iteration.
@@ -208,8 +237,13 @@ pub fn sweep(
         points: 0,
         errors: 0,
         tolerated: 0,
+        kernel_warnings: 0,
         samples: Vec::new(),
+        notes: Vec::new(),
+        elapsed: Default::default(),
     };
+    let kmsg = RefCell::new(Kmsg::open().map_err(|e| format!("open /dev/kmsg: {e}"))?);
+    let t0 = std::time::Instant::now();
     // VM_FAULTS_TRACE=1 names each N before it runs (to find the one that hangs or oopses).
     let trace = std::env::var_os("VM_FAULTS_TRACE").is_some();
     for n in 1..=cap {
@@ -218,8 +252,11 @@ pub fn sweep(
         }
         let inj = Injector {
             nth,
+            kmsg: &kmsg,
             n,
-            consumed: std::cell::Cell::new(None),
+            consumed: Cell::new(None),
+            warnings: RefCell::new(Vec::new()),
+            notes: RefCell::new(Vec::new()),
         };
         let called = iteration(&inj).map_err(|e| {
             Failed::from(format!(
@@ -231,8 +268,24 @@ pub fn sweep(
             .consumed
             .get()
             .ok_or_else(|| format!("{op_name}: iteration {n} made no injected call"))?;
+        if let Some(w) = inj.kernel_warning() {
+            if !consumed {
+                return Err(
+                    format!("{op_name}: kernel warning with no fault injected: {w}").into(),
+                );
+            }
+            report.kernel_warnings += 1;
+        }
+        for line in inj.notes.take() {
+            if report.notes.len() < 8 && !report.notes.contains(&line) {
+                report.notes.push(line);
+            }
+        }
         match (consumed, called) {
-            (false, Called::Ok) => return Ok(report),
+            (false, Called::Ok) => {
+                report.elapsed = t0.elapsed();
+                return Ok(report);
+            }
             (false, Called::Err(e)) => {
                 return Err(format!(
                     "{op_name}: failed with no fault injected (N = {n} not reached): {e}"

@@ -8,6 +8,7 @@ pub mod edu;
 pub mod edu_raw;
 pub mod fail_nth;
 pub mod kernel_areas;
+pub mod kmsg;
 pub mod kvm_attrs;
 pub mod pci;
 
