@@ -9,7 +9,8 @@
 //!   shared, and a `Whole` region is mapped entirely; a failed rollback can leave
 //!   exceptions, which [`GuestMemory::reconcile`] records truthfully and a later
 //!   conversion repairs (planning looks at attributes and mappings separately);
-//! - the tracker changes only in `commit`/`reconcile`, each bumping `generation`.
+//! - the tracker changes only in `commit`/`reconcile` (and `split_area_at`, which
+//!   records a cut a failed call left in the kernel), each bumping `generation`.
 
 use super::error::{ExecError, Outcome, PlanError};
 use super::model::{Area, PageState, RegionId, RegionSpec, Strategy, PAGE_SIZE};
@@ -262,6 +263,35 @@ impl GuestMemory {
         }
     }
 
+    /// Splits the area holding both `at - 1` and `at` so that a piece starts at `at`, as
+    /// the kernel does when a failed cut-unmap made one of its cuts (the IOAS learns
+    /// that, see [`crate::iommufd::Ioas::cut_unmap`]). Returns whether an area was split;
+    /// a split changes the tracker, so it bumps the generation.
+    pub(crate) fn split_area_at(&mut self, at: u64) -> bool {
+        let Some(&a) = self
+            .areas
+            .range(..at)
+            .next_back()
+            .map(|(_, a)| a)
+            .filter(|a| a.iova + a.len > at)
+        else {
+            return false;
+        };
+        let head = at - a.iova;
+        self.areas.insert(a.iova, Area { len: head, ..a });
+        self.areas.insert(
+            at,
+            Area {
+                iova: at,
+                len: a.len - head,
+                offset: a.offset + head,
+                ..a
+            },
+        );
+        self.generation += 1;
+        true
+    }
+
     /// Removes `r` from the area map, keeping the parts of areas outside it (the kernel's
     /// cut-then-unmap; for native unmaps the range never cuts, so this is plain removal).
     fn remove_areas(&mut self, r: Range<u64>) {
@@ -286,5 +316,32 @@ impl GuestMemory {
                 self.areas.insert(right.iova, right);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::{Backing, FakeKernel};
+
+    #[test]
+    fn split_area_at_keeps_offsets_and_bumps_the_generation() {
+        let (mut mem, mut k) = (GuestMemory::new(), FakeKernel::new());
+        let spec = RegionSpec::new(0x10_0000, 16 * PAGE_SIZE, Backing::Opaque(0));
+        mem.register(spec, &mut k).unwrap();
+        let generation = mem.generation();
+        assert!(!mem.split_area_at(0x10_0000), "a boundary already");
+        assert!(!mem.split_area_at(0x20_0000), "outside every area");
+        assert!(mem.split_area_at(0x10_0000 + 6 * PAGE_SIZE));
+        let areas: Vec<(u64, u64, u64)> = mem.areas().map(|a| (a.iova, a.len, a.offset)).collect();
+        assert_eq!(
+            areas,
+            vec![
+                (0x10_0000, 6 * PAGE_SIZE, 0),
+                (0x10_0000 + 6 * PAGE_SIZE, 10 * PAGE_SIZE, 6 * PAGE_SIZE)
+            ]
+        );
+        assert_eq!(mem.generation(), generation + 1);
+        assert!(!mem.split_area_at(0x10_0000 + 6 * PAGE_SIZE));
     }
 }

@@ -343,8 +343,12 @@ impl DmaSpace {
         &self.cut
     }
 
-    /// Binds `device` to this space's iommufd and attaches it to the IOAS. The first
-    /// attach probes, with the device's domain in place, whether areas can be cut.
+    /// Binds `device` to this space's iommufd (unless [`Device::bind_to`] already did)
+    /// and attaches it to the IOAS. The first attach probes, with the device's domain in
+    /// place, whether areas can be cut. After a failure, calling it again with the same
+    /// device retries.
+    ///
+    /// [`Device::bind_to`]: crate::vfio::Device::bind_to
     pub fn attach(&mut self, device: &crate::vfio::Device) -> Result<(), SpaceError> {
         let Iommu::Iommufd { ioas } = &self.iommu else {
             return Err(SpaceError::Attach {
@@ -362,8 +366,10 @@ impl DmaSpace {
         if self.attached.iter().any(|a| a.node == node) {
             return Err(attach_err("already attached to this DMA space".into()));
         }
+        // bind_to binds once per device fd: after a failed attach (the bind stays until
+        // the fd closes) calling attach again retries the attach alone.
         device
-            .bind_iommufd(ioas.iommufd().as_fd())
+            .bind_to(ioas.iommufd())
             .map_err(|e| attach_err(e.to_string()))?;
         device
             .attach(ioas.id())
@@ -443,7 +449,7 @@ impl DmaSpace {
             ),
             SharedMemory::File { fd, offset } => {
                 check_backing_file(&fd, offset, region.len).map_err(bad)?;
-                match self.file_path(&fd, offset, region.gpa, region.iova_offset) {
+                match self.file_path(&fd, offset, region.gpa, region.iova_offset)? {
                     Ok(()) => (
                         Backing::File {
                             fd: fd.as_raw_fd(),
@@ -492,9 +498,18 @@ impl DmaSpace {
             .registered_region()
             .expect("a registration plan names its region");
         // The guest's view must agree before devices see anything: private regions are
-        // private in KVM first (their plan maps nothing).
-        if let (Some(vm), Some(PageState::Private)) = (&self.vm, region.convertible) {
-            vm.set_private(region.gpa, region.len)?;
+        // private in KVM first (their plan maps nothing), and shared ones shared — KVM
+        // keeps attributes after a region is removed, so a range added again (or one
+        // the VMM converted before) may still be private there while the tracker starts
+        // it shared (found by tests/vm_faults.rs, which re-adds its region).
+        if let (Some(vm), Some(initial)) = (&self.vm, region.convertible) {
+            match initial {
+                PageState::Private => vm.set_private(region.gpa, region.len)?,
+                PageState::Shared if vm.supports_private() => {
+                    vm.set_shared(region.gpa, region.len)?
+                }
+                PageState::Shared => {}
+            }
         }
         log::info!(
             "{id}: GPA [{:#x}, +{:#x}) {:?}, {}",
@@ -580,6 +595,14 @@ impl DmaSpace {
             }
             Err(DmaError::Plan(e)) => Err(e.into()),
             Err(DmaError::Exec(source)) => {
+                // A failed cut-unmap can leave an area split in the kernel with nothing
+                // unmapped; the IOAS learns such boundaries (Ioas::cut_unmap) and the
+                // tracker records area boundaries too, so it takes them from the IOAS.
+                if let Iommu::Iommufd { ioas } = &self.iommu {
+                    for area in ioas.areas() {
+                        self.memory.split_area_at(area.iova);
+                    }
+                }
                 self.totals.accumulate(&source.stats);
                 Err(SpaceError::Exec {
                     what,
@@ -590,40 +613,64 @@ impl DmaSpace {
         }
     }
 
-    /// Decides whether `fd` can be mapped by fd+offset here: `Err(reason)` means by VA.
-    /// The answer comes from the kernel, with a device attached: one page is mapped at
-    /// the region's own IOVA and unmapped again.
+    /// Decides whether `fd` can be mapped by fd+offset here: `Ok(Err(reason))` means by
+    /// VA. The answer comes from the kernel, with a device attached: one page is mapped
+    /// at the region's own IOVA and unmapped again. `Err` if that page stays mapped.
     fn file_path(
         &self,
         fd: &OwnedFd,
         offset: u64,
         gpa: u64,
         iova_offset: i64,
-    ) -> Result<(), String> {
+    ) -> Result<Result<(), String>, SpaceError> {
         let Iommu::Iommufd { ioas } = &self.iommu else {
-            return Err(format!("{} maps by virtual address only", self.backend()));
+            return Ok(Err(format!(
+                "{} maps by virtual address only",
+                self.backend()
+            )));
         };
         let iova = gpa.wrapping_add_signed(iova_offset);
-        match ioas.map_file(
-            Iova::Fixed(iova),
-            fd.as_fd(),
-            offset,
-            PAGE_SIZE,
-            Access::READ_WRITE,
-        ) {
-            Ok(_) => {
-                ioas.unmap(iova, PAGE_SIZE)
-                    .map_err(|e| format!("probe unmap failed: {e}"))?;
-                Ok(())
-            }
-            Err(iommufd::Error::FileNotPinnable { .. }) => {
-                Err("the kernel cannot pin this file for MAP_FILE".into())
-            }
-            Err(e) if e.errno() == Some(libc::ENOTTY) => {
-                Err("this kernel has no IOMMU_IOAS_MAP_FILE (before 6.13)".into())
-            }
-            Err(e) => Err(format!("MAP_FILE refused: {e}")),
-        }
+        Ok(
+            match ioas.map_file(
+                Iova::Fixed(iova),
+                fd.as_fd(),
+                offset,
+                PAGE_SIZE,
+                Access::READ_WRITE,
+            ) {
+                Ok(_) => {
+                    // The probe page must go: no region owns it, so a device could reach it
+                    // unseen and the region's own map would collide with it (EEXIST). A
+                    // failed unmap used to fall back to VA with the page left mapped (found
+                    // by fail-nth injection, tests/vm_faults.rs); unmap does not allocate,
+                    // so a failure is transient: retry once, then give up loudly.
+                    if let Err(first) = ioas.unmap(iova, PAGE_SIZE) {
+                        log::warn!(
+                            "unmapping the MAP_FILE probe page at {iova:#x}: {first}; retrying"
+                        );
+                        ioas.unmap(iova, PAGE_SIZE)
+                            .map_err(|e| SpaceError::BadRegion {
+                                gpa,
+                                len: PAGE_SIZE,
+                                why: format!(
+                                "the MAP_FILE probe page at IOVA {iova:#x} could not be unmapped \
+                                 ({first}; again: {e}); it is still mapped in IOAS {}: unmap it \
+                                 through DmaSpace::ioas() before adding the region again",
+                                ioas.id()
+                            ),
+                            })?;
+                    }
+                    Ok(())
+                }
+                Err(iommufd::Error::FileNotPinnable { .. }) => {
+                    Err("the kernel cannot pin this file for MAP_FILE".into())
+                }
+                Err(e) if e.errno() == Some(libc::ENOTTY) => {
+                    Err("this kernel has no IOMMU_IOAS_MAP_FILE (before 6.13)".into())
+                }
+                Err(e) => Err(format!("MAP_FILE refused: {e}")),
+            },
+        )
     }
 
     /// Reports every region.

@@ -363,6 +363,14 @@ impl<const B: usize> Areas<B> {
         total
     }
 
+    /// True if one area holds both `at - 1` and `at` (a cut at `at` would split it).
+    pub fn straddles(&self, at: u64) -> bool {
+        at != 0
+            && self
+                .last_at_or_before(at - 1)
+                .is_some_and(|(c, j)| self.chunks[c][j].1 >= at)
+    }
+
     /// Splits the area containing both `at - 1` and `at`, so that a new area starts at
     /// `at` (what `iopt_area_split` does). No-op if no area straddles `at`.
     pub fn cut_before(&mut self, at: u64) {
@@ -549,6 +557,10 @@ mod tests {
         assert!(a.take_exact(16 * P, 17 * P - 1));
         assert!(!a.is_exact(16 * P, 17 * P - 1));
         a.insert(16 * P, 17 * P - 1);
+
+        assert!(a.straddles(2 * P) && a.straddles(7 * P));
+        assert!(!a.straddles(0) && !a.straddles(8 * P) && !a.straddles(16 * P));
+        assert!(!a.straddles(12 * P));
 
         // The compat cut: pieces [0,2) [2,4) [4,8), then the middle goes.
         a.cut_before(2 * P);

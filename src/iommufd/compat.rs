@@ -141,11 +141,35 @@ impl Ioas {
         u.flags = 0;
         u.iova = iova;
         u.size = len;
-        // On failure the kernel may already have cut at one end; that changes no
-        // translation, and the record keeping the uncut area only makes later native
-        // unmaps stricter than necessary, never partial.
-        sys::ioctl_mut(self.iommufd().as_fd(), sys::VFIO_IOMMU_UNMAP_DMA, &mut u)
-            .map_err(|e| self.err("VFIO_IOMMU_UNMAP_DMA (compat cut)", Some(span), e))?;
+        // The kernel cuts at the end of the range first, then at its start
+        // (vfio_compat.c: iopt_cut_iova with iovas = { last, iova - 1 }), each split an
+        // allocation of its own, and only then unmaps. So a failure can leave the area
+        // around the end split although nothing was unmapped: translations unchanged,
+        // but the record must learn the new boundary or it no longer equals the kernel
+        // (found by fail-nth injection, tests/vm_faults.rs). Each cut this call needed is
+        // checked after a failure.
+        let cuts: Vec<u64> = [last.checked_add(1), Some(iova)]
+            .into_iter()
+            .flatten()
+            .filter(|&at| areas.straddles(at))
+            .collect();
+        if let Err(e) = sys::ioctl_mut(self.iommufd().as_fd(), sys::VFIO_IOMMU_UNMAP_DMA, &mut u) {
+            for at in cuts {
+                match self.boundary_at(at) {
+                    Ok(true) => areas.cut_before(at),
+                    Ok(false) => {}
+                    // Unknown: keep the uncut record. Translations are the same either
+                    // way; a native unmap of one piece alone would then be refused
+                    // before the kernel sees it, never issued partially.
+                    Err(probe) => log::warn!(
+                        "IOAS {}: after a failed cut of {span}, could not learn whether the \
+                         kernel split the area at {at:#x}: {probe}",
+                        self.id()
+                    ),
+                }
+            }
+            return Err(self.err("VFIO_IOMMU_UNMAP_DMA (compat cut)", Some(span), e));
+        }
         if u.size == 0 {
             return Err(Error::NotMapped {
                 ioas: self.id(),
@@ -159,5 +183,38 @@ impl Ioas {
         }
         areas.remove_within(iova, last);
         Ok(u.size)
+    }
+
+    /// Whether the kernel has an area boundary at `at` (an area ends at `at - 1`, the
+    /// next starts at `at`), found without touching this IOAS: the pages on both sides
+    /// are copied into a scratch IOAS (`IOMMU_IOAS_COPY` makes one area there per source
+    /// area piece), where unmapping the page below `at` succeeds only if an area ends
+    /// there, and fails with ENOENT if it would cut one. Both pages must be mapped.
+    fn boundary_at(&self, at: u64) -> io::Result<bool> {
+        const PAGE: u64 = 4096;
+        let scratch = Ioas::new(self.iommufd()).map_err(io::Error::other)?;
+        let fd = self.iommufd().as_fd();
+        let mut c: iu::iommu_ioas_copy = sys::zeroed();
+        c.size = size_of_val(&c) as u32;
+        c.flags = iu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_FIXED_IOVA
+            | iu::iommufd_ioas_map_flags_IOMMU_IOAS_MAP_READABLE;
+        c.dst_ioas_id = scratch.id();
+        c.src_ioas_id = self.id();
+        c.length = 2 * PAGE;
+        c.src_iova = at - PAGE;
+        c.dst_iova = at - PAGE;
+        sys::ioctl_mut(fd, sys::IOMMU_IOAS_COPY, &mut c)?;
+        // Raw unmap: the scratch IOAS's own record knows nothing of the copy, and the
+        // IOAS is destroyed (with whatever is left in it) when `scratch` drops.
+        let mut u: iu::iommu_ioas_unmap = sys::zeroed();
+        u.size = size_of_val(&u) as u32;
+        u.ioas_id = scratch.id();
+        u.iova = at - PAGE;
+        u.length = PAGE;
+        match sys::ioctl_mut(fd, sys::IOMMU_IOAS_UNMAP, &mut u) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 }

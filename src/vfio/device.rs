@@ -8,13 +8,14 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, Weak};
 
 use super::error::{Result, VfioError, NO_IRQ_REMAP_HINT};
 use super::irq::{irq_set_buf, EventFd, IrqInfo, IrqKind};
 use super::region::{parse_region_caps, BarMapping, RegionInfo};
 use super::sysfs::{PciSysfs, Viability};
 use super::Bdf;
+use crate::iommufd::Iommufd;
 use crate::sys::{self, vfio_uapi as vu};
 
 /// PCI command register offset and its memory-space / bus-master bits.
@@ -64,6 +65,10 @@ pub struct Device {
     /// The PCI device and sysfs view, when known: used to explain ambiguous errors.
     pci: Option<(PciSysfs, Bdf)>,
     config_offset: OnceLock<u64>,
+    /// The iommufd this fd was bound to by [`Device::bind_to`], and the device id. A
+    /// bind lasts until the fd is closed; the `Weak` keeps the `Iommufd` allocation
+    /// from being reused, so pointer equality identifies it.
+    bound_to: OnceLock<(Weak<Iommufd>, u32)>,
 }
 
 impl Device {
@@ -152,6 +157,7 @@ impl Device {
             name,
             pci: None,
             config_offset: OnceLock::new(),
+            bound_to: OnceLock::new(),
         }
     }
 
@@ -189,6 +195,32 @@ impl Device {
             },
         )?;
         Ok(b.out_devid)
+    }
+
+    /// Binds this cdev fd to `iommufd` ([`Device::bind_iommufd`]) unless this method
+    /// already did; returns the device id either way.
+    ///
+    /// The kernel refuses a second bind of the same fd (EINVAL) and offers no unbind
+    /// short of closing it, so a caller whose attach failed after the bind (e.g. on a
+    /// transient ENOMEM) could otherwise never attach this fd again.
+    ///
+    /// ```no_run
+    /// # let dev: vfio_gmem::vfio::Device = unimplemented!();
+    /// let iommufd = std::sync::Arc::new(vfio_gmem::iommufd::Iommufd::open()?);
+    /// let id = dev.bind_to(&iommufd)?;
+    /// assert_eq!(dev.bind_to(&iommufd)?, id); // no second VFIO_DEVICE_BIND_IOMMUFD
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn bind_to(&self, iommufd: &Arc<Iommufd>) -> Result<u32> {
+        if let Some((bound, id)) = self.bound_to.get() {
+            if Weak::ptr_eq(bound, &Arc::downgrade(iommufd)) {
+                return Ok(*id);
+            }
+            // Bound to another iommufd: let the kernel refuse it with its explanation.
+        }
+        let id = self.bind_iommufd(iommufd.as_fd())?;
+        let _ = self.bound_to.set((Arc::downgrade(iommufd), id));
+        Ok(id)
     }
 
     /// The group-not-viable error for this device's group, if sysfs shows one.

@@ -6,6 +6,10 @@
 pub mod dma_engine;
 pub mod edu;
 pub mod edu_raw;
+pub mod fail_nth;
+pub mod kernel_areas;
+pub mod kmsg;
+pub mod kvm_attrs;
 pub mod pci;
 pub mod space;
 
@@ -26,6 +30,12 @@ pub type TestFn = fn() -> Result<(), Failed>;
 /// Runs VM tests. Outside the VM every test is reported as ignored and a line says why;
 /// nothing is counted as passed. Inside, tests run one at a time (they share devices).
 pub fn run_vm_tests(tests: &[(&'static str, TestFn)]) -> ! {
+    run_vm_trials(tests).exit()
+}
+
+/// [`run_vm_tests`] that returns the conclusion instead of exiting, for targets that
+/// print a summary of their own afterwards.
+pub fn run_vm_trials(tests: &[(&'static str, TestFn)]) -> libtest_mimic::Conclusion {
     let mut args = Arguments::from_args();
     let vm = in_vm();
     if !vm {
@@ -40,7 +50,7 @@ pub fn run_vm_tests(tests: &[(&'static str, TestFn)]) -> ! {
         .iter()
         .map(|&(name, f)| Trial::test(name, f).with_ignored_flag(!vm))
         .collect();
-    libtest_mimic::run(&args, trials).exit()
+    libtest_mimic::run(&args, trials)
 }
 
 /// `Result` conversion for test bodies: any displayable error fails the test.
