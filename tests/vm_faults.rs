@@ -19,7 +19,7 @@
 mod support;
 
 use std::ops::Range;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use kvm_ioctls::VmFd;
@@ -29,6 +29,7 @@ use support::edu::Edu;
 use support::fail_nth::{sweep, Called, FailNth, FaultInjection, Injector, SweepReport, REPORTS};
 use support::kernel_areas::{raw_unmap_all, KernelAreas};
 use support::kvm_attrs::AttributeProbe;
+use support::space::{dup, first_edu};
 use support::{pci, run_vm_trials, vm_iommu, OrFail, TestFn};
 use vfio_gmem::dma::{
     CutSupport, DmaSpace, GuestRegion, MapPath, Outcome, PageState, RegionId, SharedMemory,
@@ -127,21 +128,8 @@ fn injection() -> Result<(FaultInjection, FailNth), Failed> {
     Ok((fi, nth))
 }
 
-fn dup(fd: impl AsFd) -> Result<OwnedFd, Failed> {
-    fd.as_fd().try_clone_to_owned().or_fail("dup fd")
-}
-
-fn edu_bdf() -> Result<String, Failed> {
-    let bdf = pci::edu_devices()
-        .into_iter()
-        .next()
-        .ok_or("no edu device")?;
-    pci::bind_vfio_pci(&bdf).or_fail("bind edu to vfio-pci")?;
-    Ok(bdf)
-}
-
 fn open_device() -> Result<Device, Failed> {
-    let bdf = edu_bdf()?;
+    let bdf = first_edu()?;
     Device::open_cdev(pci::vfio_cdev(&bdf).or_fail("cdev")?).or_fail("open edu")
 }
 
