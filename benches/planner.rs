@@ -11,9 +11,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
-use vfio_gmem::dma::{
-    Backing, FakeKernel, GuestMemory, PageBitmap, PageState, RegionSpec, Strategy, PAGE_SIZE,
-};
+use vfio_gmem::dma::planning::{Backing, PageBitmap, RegionSpec, Tracker};
+use vfio_gmem::dma::{FakeKernel, PageState, Strategy, PAGE_SIZE};
 
 #[path = "support/workload.rs"]
 mod workload;
@@ -22,9 +21,9 @@ use workload::{generate, Shape, Step, GPA};
 const STEPS: usize = 2000;
 
 /// A tracker and fake kernel with the region registered, after replaying `steps`.
-fn replayed(strategy: Strategy, steps: &[Step]) -> (GuestMemory, FakeKernel) {
+fn replayed(strategy: Strategy, steps: &[Step]) -> (Tracker, FakeKernel) {
     let shape = Shape::full(STEPS);
-    let mut mem = GuestMemory::new();
+    let mut mem = Tracker::new();
     let mut k = FakeKernel::new();
     let spec = RegionSpec::new(GPA, shape.region, Backing::Opaque(0))
         .strategy(strategy)
@@ -87,7 +86,7 @@ fn replay(c: &mut Criterion) {
 fn register(c: &mut Criterion) {
     let len = 1u64 << 30;
     c.bench_function("plan_register_1GiB/whole", |b| {
-        let mem = GuestMemory::new();
+        let mem = Tracker::new();
         b.iter(|| {
             black_box(
                 mem.plan_register(RegionSpec::non_convertible(GPA, len, Backing::Opaque(0)))
@@ -96,7 +95,7 @@ fn register(c: &mut Criterion) {
         })
     });
     c.bench_function("plan_register_1GiB/cut_shared", |b| {
-        let mem = GuestMemory::new();
+        let mem = Tracker::new();
         b.iter(|| {
             black_box(
                 mem.plan_register(

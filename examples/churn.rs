@@ -4,6 +4,10 @@
 //! ```sh
 //! cargo run --release --example churn                     # fake kernel (host)
 //! scripts/vm-run -- target/release/examples/churn --real  # the real kernel in the VM
+//! # the patched kernel, 2 MiB hugetlb backing: native split vs compat cut vs per-page,
+//! # with VT-d's leaf IOPTEs by size after each run (debugfs)
+//! scripts/vm-run --patched -- sh -c 'echo 160 > /proc/sys/vm/nr_hugepages &&
+//!     target/release/examples/churn --real --hugetlb'
 //! ```
 //!
 //! Workload (seeded, reproducible): a confidential guest boots all private, converts a
@@ -17,10 +21,13 @@ use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Instant;
 
+use vfio_gmem::dma::planning::{Backing, RegionSpec, Tracker};
 use vfio_gmem::dma::{
-    Backing, DmaSpace, FakeKernel, GuestMemory, GuestRegion, PageState, RegionSpec, SharedMemory,
-    SpaceOptions, Stats, Strategy,
+    DmaSpace, FakeKernel, GuestRegion, PageState, SharedMemory, SpaceOptions, Stats, Strategy,
 };
+
+#[path = "bench_vm/devices.rs"]
+mod devices;
 
 const MIB: u64 = 1 << 20;
 const LEN: u64 = 256 * MIB;
@@ -65,6 +72,11 @@ fn workload(n: usize, granule: u64) -> Vec<(u64, u64, PageState)> {
 
 struct Row {
     name: &'static str,
+    /// Kernel calls: executor calls, plus one IOMMU_IOAS_SPLIT per cut-unmap when the
+    /// native split serves them (split, then unmap).
+    ioctls: u64,
+    /// Leaf IOPTEs [4 KiB, 2 MiB, 1 GiB] after the run (VT-d debugfs), if readable.
+    leaves: Option<[u64; 3]>,
     stats: Stats,
     peak_areas: usize,
     tracker: usize,
@@ -73,7 +85,7 @@ struct Row {
 
 fn run_fake(strategy: Strategy, n: usize) -> Row {
     let granule = 4096;
-    let mut mem = GuestMemory::new();
+    let mut mem = Tracker::new();
     let mut k = FakeKernel::new();
     let spec = RegionSpec::new(GPA, LEN, Backing::Opaque(0))
         .strategy(strategy)
@@ -87,6 +99,8 @@ fn run_fake(strategy: Strategy, n: usize) -> Row {
     }
     Row {
         name: name(strategy),
+        ioctls: total.ioctls,
+        leaves: None,
         stats: total,
         peak_areas: k.peak_areas(),
         tracker: mem.tracker_bytes(),
@@ -102,19 +116,49 @@ fn name(s: Strategy) -> &'static str {
     }
 }
 
-fn run_real(strategy: Strategy, n: usize) -> Row {
+/// How the real run cuts: the library's choice (native split where the kernel has it),
+/// the compat cut only, or per-4 KiB-page areas.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    Native,
+    Compat,
+    PerPage,
+}
+
+fn run_real(mode: Mode, n: usize, hugetlb: bool) -> Row {
+    use vfio_gmem::dma::CutSupport;
     use vfio_gmem::iommufd::Iommufd;
     use vfio_gmem::vfio::Device;
-    let bdf = find_edu().expect("no edu device bound to vfio-pci (run in the test VM)");
+    let edu = devices::edu_devices()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .swap_remove(0);
+    let (cdev, bdf) = (edu.cdev, edu.bdf.to_string());
     let iommufd = Arc::new(Iommufd::open().expect("open /dev/iommu"));
+    let strategy = if mode == Mode::PerPage {
+        Strategy::PerGranule
+    } else {
+        Strategy::Cut
+    };
     let options = SpaceOptions {
         conversions: true,
         force_strategy: Some(strategy),
+        native_split: mode != Mode::Compat,
     };
     let mut space = DmaSpace::iommufd(&iommufd, None, options).expect("space");
-    let dev = Device::open_cdev(&bdf).expect("open edu cdev");
+    let dev = Device::open_cdev(&cdev).expect("open edu cdev");
     space.attach(&dev).expect("attach");
-    let memfd = vfio_gmem::gmem::Memfd::new("churn", LEN).expect("memfd");
+    let native = matches!(space.cut_support(), CutSupport::NativeSplit { .. });
+    let name = match (mode, native) {
+        (Mode::Native, true) => "native split (IOMMU_IOAS_SPLIT)",
+        (Mode::Native, false) | (Mode::Compat, _) => "compat cut (VFIO_IOMMU_UNMAP_DMA)",
+        (Mode::PerPage, _) => name(Strategy::PerGranule),
+    };
+    eprintln!("{name}: {:?}", space.cut_support());
+    let memfd = if hugetlb {
+        vfio_gmem::gmem::Memfd::hugetlb("churn", LEN).expect("hugetlb memfd (reserve huge pages)")
+    } else {
+        vfio_gmem::gmem::Memfd::new("churn", LEN).expect("memfd")
+    };
     let fd = memfd.file().as_fd().try_clone_to_owned().expect("dup");
     space
         .add_region(
@@ -129,35 +173,41 @@ fn run_real(strategy: Strategy, n: usize) -> Row {
         peak = peak.max(space.area_count());
     }
     let secs = t0.elapsed().as_secs_f64();
+    let stats = *space.totals();
     Row {
-        name: name(strategy),
-        stats: *space.totals(),
+        name,
+        ioctls: stats.ioctls
+            + if native && strategy == Strategy::Cut {
+                stats.unmaps
+            } else {
+                0
+            },
+        leaves: vtd_leaves(&bdf),
+        stats,
         peak_areas: peak,
         tracker: space.tracker_bytes(),
         secs,
     }
 }
 
-/// The cdev of the first edu device bound to vfio-pci.
-fn find_edu() -> Option<String> {
-    for e in std::fs::read_dir("/sys/bus/pci/devices").ok()?.flatten() {
-        let p = e.path();
-        let id = |f: &str| {
-            std::fs::read_to_string(p.join(f))
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        if id("vendor") == "0x1234" && id("device") == "0x11e8" {
-            if let Some(v) = std::fs::read_dir(p.join("vfio-dev")).ok()?.flatten().next() {
-                return Some(format!(
-                    "/dev/vfio/devices/{}",
-                    v.file_name().to_string_lossy()
-                ));
+/// Leaf IOPTEs [4 KiB, 2 MiB, 1 GiB] of the domain attached to `bdf`, from VT-d's debugfs
+/// page table dump (CONFIG_INTEL_IOMMU_DEBUGFS): one line per leaf, with its entries along
+/// the walk after `|` (3 for a 1 GiB leaf of a 4-level table, 4 for 2 MiB, 5 for 4 KiB).
+fn vtd_leaves(bdf: &str) -> Option<[u64; 3]> {
+    let path = format!("/sys/kernel/debug/iommu/intel/{bdf}/domain_translation_struct");
+    let dump = std::fs::read_to_string(path).ok()?;
+    let mut n = [0u64; 3];
+    for line in dump.lines() {
+        if let Some((_, walk)) = line.split_once('|') {
+            match walk.split_whitespace().count() {
+                3 => n[2] += 1,
+                4 => n[1] += 1,
+                5 => n[0] += 1,
+                _ => {}
             }
         }
     }
-    None
+    Some(n)
 }
 
 fn main() {
@@ -167,26 +217,52 @@ fn main() {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or(2000);
-    let run = if real { run_real } else { run_fake };
+    let hugetlb = std::env::args().any(|a| a == "--hugetlb");
     println!(
-        "{} kernel, 256 MiB region, {n} random conversions of 4 KiB-2 MiB after a 64 MiB pool",
-        if real { "real" } else { "fake" }
+        "{} kernel, 256 MiB region ({}), {n} random conversions of 4 KiB-2 MiB after a 64 MiB pool",
+        if real { "real" } else { "fake" },
+        if hugetlb {
+            "2 MiB hugetlb memfd"
+        } else {
+            "memfd"
+        }
     );
-    let rows = [run(Strategy::Cut, n), run(Strategy::PerGranule, n)];
+    let rows: Vec<Row> = if real {
+        [Mode::Native, Mode::Compat, Mode::PerPage]
+            .into_iter()
+            .map(|m| run_real(m, n, hugetlb))
+            .collect()
+    } else {
+        vec![
+            run_fake(Strategy::Cut, n),
+            run_fake(Strategy::PerGranule, n),
+        ]
+    };
     println!(
-        "{:<38} {:>10} {:>10} {:>12} {:>12} {:>9}",
-        "strategy", "ioctls", "maps", "peak areas", "tracker B", "seconds"
+        "{:<38} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8} {:>24}",
+        "strategy",
+        "ioctls",
+        "calls",
+        "maps",
+        "peak areas",
+        "tracker B",
+        "seconds",
+        "leaf IOPTEs 4K/2M/1G"
     );
     for r in &rows {
+        let leaves = r
+            .leaves
+            .map(|l| format!("{}/{}/{}", l[0], l[1], l[2]))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "{:<38} {:>10} {:>10} {:>12} {:>12} {:>9.3}",
-            r.name, r.stats.ioctls, r.stats.maps, r.peak_areas, r.tracker, r.secs
+            "{:<38} {:>8} {:>8} {:>8} {:>10} {:>10} {:>8.3} {:>24}",
+            r.name, r.ioctls, r.stats.ioctls, r.stats.maps, r.peak_areas, r.tracker, r.secs, leaves
         );
     }
-    let (a, b) = (&rows[0], &rows[1]);
+    let (a, b) = (&rows[0], rows.last().expect("rows"));
     println!(
         "ratio (per-page / library): ioctls {:.1}x, peak areas {:.1}x, time {:.1}x",
-        b.stats.ioctls as f64 / a.stats.ioctls as f64,
+        b.ioctls as f64 / a.ioctls as f64,
         b.peak_areas as f64 / a.peak_areas as f64,
         b.secs / a.secs
     );

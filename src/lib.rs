@@ -7,22 +7,25 @@
 //!
 //! | module | responsibility |
 //! |---|---|
-//! | [`sys`] | raw uAPI: binding re-exports, ioctl numbers, the only `ioctl(2)` calls |
+//! | `sys` (crate-private) | raw uAPI: binding re-exports, ioctl numbers, the only `ioctl(2)` calls |
 //! | [`mapper`] | the map/unmap interface both backends implement |
 //! | [`iommufd`] | `/dev/iommu`, IOAS, HWPT: one type per kernel object |
 //! | [`vfio`] | PCI discovery and binding, VFIO cdev devices, legacy group/container |
 //! | [`gmem`] | guest_memfd creation/adoption and the KVM glue (memory attributes) |
 //! | [`dma`] | guest memory model, the pure conversion planner, executors, the DMA space |
 //! | [`probe`] | the capability report: what this kernel can do, and how each answer is known |
-//! | [`control`] | the line protocol of `vfio-gmem assign` |
+//! | [`engine`] | advanced tier: device DMA engines (edu) that prove with real DMA what a mapping lets through |
+//! | [`handoff`] | a privileged helper hands VFIO/iommufd fds to an unprivileged VMM (`SCM_RIGHTS`) |
 
-pub mod control;
+#![deny(missing_docs)]
 pub mod dma;
+pub mod engine;
 pub mod gmem;
+pub mod handoff;
 pub mod iommufd;
 pub mod mapper;
 pub mod probe;
-pub mod sys;
+pub(crate) mod sys;
 pub mod vfio;
 
 /// Compile-time proof of the thread-safety contract documented in the README ("Threads")
@@ -37,11 +40,12 @@ mod thread_safety {
     const _: () = {
         // Shared behind Arc<Mutex<_>> / Arc<RwLock<_>>; mutation takes &mut self.
         send_sync::<dma::DmaSpace>();
-        send_sync::<dma::GuestMemory>();
+        send_sync::<dma::planning::Tracker>();
+        #[cfg(feature = "testing")]
         send_sync::<dma::FakeKernel>();
         // Errors cross threads (anyhow, join handles).
         send_sync::<dma::SpaceError>();
-        send_sync::<dma::DmaError>();
+        send_sync::<dma::planning::DmaError>();
         send_sync::<iommufd::Error>();
         send_sync::<vfio::VfioError>();
         send_sync::<gmem::GmemError>();

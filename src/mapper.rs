@@ -2,6 +2,8 @@
 //! type1 container. Callers pick a backend or let the library pick, and can always see
 //! which one serves them and whether it can map by fd+offset.
 
+// Every public item says what it promises (issue 13); a new undocumented one fails the build.
+
 use std::io;
 use std::os::fd::BorrowedFd;
 
@@ -36,15 +38,19 @@ pub enum Iova {
 /// Device access rights of a mapping.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Access {
+    /// The device may read the memory (`IOMMU_IOAS_MAP_READABLE`, `VFIO_DMA_MAP_FLAG_READ`).
     pub read: bool,
+    /// The device may write the memory (`IOMMU_IOAS_MAP_WRITEABLE`, `VFIO_DMA_MAP_FLAG_WRITE`).
     pub write: bool,
 }
 
 impl Access {
+    /// Read and write: what device DMA to guest RAM needs.
     pub const READ_WRITE: Access = Access {
         read: true,
         write: true,
     };
+    /// Read only: the device can fetch but never change the memory.
     pub const READ_ONLY: Access = Access {
         read: true,
         write: false,
@@ -54,26 +60,44 @@ impl Access {
 /// A failed map or unmap, with the errno and an explanation of what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum MapError {
+    /// The backend maps by virtual address only (legacy type1); nothing was mapped.
     #[error("{backend} cannot map by fd+offset; map the memory by its virtual address instead")]
-    FileMappingUnsupported { backend: Backend },
+    FileMappingUnsupported {
+        /// The backend that refused.
+        backend: Backend,
+    },
+    /// The backend cannot choose the IOVA ([`Iova::Any`] on legacy type1); nothing was
+    /// mapped.
     #[error("{backend} cannot let the kernel choose an IOVA; pass a fixed IOVA")]
-    AnyIovaUnsupported { backend: Backend },
+    AnyIovaUnsupported {
+        /// The backend that refused.
+        backend: Backend,
+    },
+    /// The kernel refused the request; `hint` says what usually causes that errno.
     #[error("{op} [{iova:#x}, +{len:#x}) failed: {source}{hint}")]
     Os {
+        /// The request (`VFIO_IOMMU_MAP_DMA`, ...).
         op: &'static str,
+        /// Start of the range.
         iova: u64,
+        /// Length of the range.
         len: u64,
+        /// What to do about it (empty when the errno says nothing specific).
         hint: &'static str,
         #[source]
+        /// The kernel's error.
         source: io::Error,
     },
     /// A backend's own typed error, which names the object and explains what to do
     /// (e.g. `iommufd::Error`); `errno` is the OS error behind it, if any.
     #[error("{source}")]
     Explained {
+        /// The backend that failed.
         backend: Backend,
+        /// The errno behind the failure, if there is one (for callers that branch on it).
         errno: Option<i32>,
         #[source]
+        /// The backend's own error.
         source: Box<dyn std::error::Error + Send + Sync + 'static>,
     },
 }
@@ -109,7 +133,19 @@ pub trait DmaMapper {
 
     /// Maps `len` bytes of this process's memory at `va`; returns the IOVA used. The
     /// kernel pins the pages for as long as they are mapped.
-    fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64, MapError>;
+    ///
+    /// # Safety
+    ///
+    /// `[va, va + len)` must stay allocated to this use, and not be handed to anything
+    /// else (freed, reused by an allocator, unmapped and mapped again), until the range is
+    /// unmapped or the mapper destroyed: devices may read and write it at any moment.
+    unsafe fn map_user(
+        &self,
+        iova: Iova,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<u64, MapError>;
 
     /// Maps `len` bytes of `fd` from `offset`; returns the IOVA used.
     fn map_file(

@@ -18,18 +18,24 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+// Every public item says what it promises (issue 13); a new undocumented one fails the build.
+
 use std::fmt;
-use std::os::fd::AsFd;
 use std::path::Path;
-use std::sync::Arc;
 
 use serde::Serialize;
 
-use crate::dma::{CutSupport, PAGE_SIZE};
-use crate::gmem::{self, GmemFlags, KvmVm, Memfd, VmType, HUGE_PAGE_2M};
-use crate::iommufd::{self, Ioas, Iommufd};
-use crate::mapper::{Access, Iova};
+use crate::gmem::{self, KvmVm, VmType};
 use crate::vfio::{self, Device};
+
+mod mapping;
+mod system;
+#[cfg(test)]
+mod tests;
+
+use mapping::{
+    probe_mapping_with_device, probe_mapping_without_device, MappingAnswers, NATIVE_SPLIT,
+};
 
 /// How an answer was established.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -70,9 +76,12 @@ impl Evidence {
 /// and a detail line (e.g. the kernel's error for a refused mapping).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Answer<T> {
+    /// The answer; `None` only when [`Evidence::Unavailable`].
     pub value: Option<T>,
+    /// How the answer was established.
     pub evidence: Evidence,
     #[serde(skip_serializing_if = "Option::is_none")]
+    /// A detail line: the kernel's error for a refusal, or why the answer is inferred.
     pub detail: Option<String>,
 }
 
@@ -171,7 +180,8 @@ pub struct Capabilities {
     pub device: Option<String>,
     /// `/dev/iommu` exists (iommufd).
     pub iommufd: Answer<bool>,
-    /// VFIO device cdevs (`/dev/vfio/devices` or `/sys/class/vfio-dev`).
+    /// VFIO device cdevs: a registered VFIO device (`/sys/class/vfio-dev/vfioN`) with a
+    /// device number; without one registered, inferred from iommufd's absence or unknown.
     pub vfio_cdev: Answer<bool>,
     /// `/dev/vfio/vfio` opens with the expected API version and type1v2.
     pub legacy_type1: Answer<bool>,
@@ -189,6 +199,10 @@ pub struct Capabilities {
     pub kvm: Answer<bool>,
     /// Per VM type KVM reports (`KVM_CAP_VM_TYPES`).
     pub vm_types: Vec<VmTypeCaps>,
+    /// Some VM type here has the PRIVATE memory attribute (private memory in KVM, e.g.
+    /// SW_PROTECTED); without it conversions exist on the IOMMU side only.
+    pub kvm_private_memory: Answer<bool>,
+    /// The verdict drawn from the answers above ([`verdict`]).
     pub verdict: Verdict,
 }
 
@@ -201,8 +215,9 @@ impl Capabilities {
     pub fn probe(device: Option<&Device>) -> Capabilities {
         let kernel = kernel_release();
         let iommufd = Answer::observed(Path::new("/dev/iommu").exists());
-        let vfio_cdev = Answer::observed(
-            Path::new("/dev/vfio/devices").is_dir() || Path::new("/sys/class/vfio-dev").is_dir(),
+        let vfio_cdev = system::vfio_cdev_answer(
+            &system::vfio_dev_nodes(Path::new("/sys/class/vfio-dev")),
+            iommufd.is_true(),
         );
         let legacy_type1 = probe_legacy();
         let iommu_present = Answer::observed(
@@ -211,6 +226,7 @@ impl Capabilities {
                 .unwrap_or(false),
         );
         let (kvm, vm_types) = probe_kvm();
+        let kvm_private_memory = system::private_memory_answer(&kvm, &vm_types);
         let mapping = if !iommufd.is_true() {
             MappingAnswers::all_unavailable("no /dev/iommu (kernel without CONFIG_IOMMUFD)")
         } else {
@@ -240,6 +256,7 @@ impl Capabilities {
             cut_unmap: mapping.cut,
             kvm,
             vm_types,
+            kvm_private_memory,
             verdict,
         }
     }
@@ -256,6 +273,7 @@ impl Capabilities {
             ("MAP_FILE guest_memfd", &self.map_file_guest_memfd),
             ("area cutting (cut-unmap)", &self.cut_unmap),
             ("KVM (/dev/kvm)", &self.kvm),
+            ("KVM private memory", &self.kvm_private_memory),
         ]
     }
 }
@@ -370,236 +388,6 @@ fn probe_kvm() -> (Answer<bool>, Vec<VmTypeCaps>) {
     (Answer::observed(true), caps)
 }
 
-struct MappingAnswers {
-    memfd: Answer<bool>,
-    hugetlb: Answer<bool>,
-    guest_memfd: Answer<bool>,
-    cut: Answer<bool>,
-}
-
-impl MappingAnswers {
-    fn all_unavailable(why: &str) -> Self {
-        MappingAnswers {
-            memfd: Answer::unavailable(why),
-            hugetlb: Answer::unavailable(why),
-            guest_memfd: Answer::unavailable(why),
-            cut: Answer::unavailable(why),
-        }
-    }
-}
-
-/// A 2 MiB aligned IOVA with at least 4 MiB usable above it, for the probes.
-fn probe_base(ioas: &Ioas) -> Result<u64, String> {
-    let ranges = ioas.iova_ranges().map_err(|e| e.to_string())?;
-    ranges
-        .ranges
-        .iter()
-        .filter_map(|r| {
-            let start = r.start().max(&HUGE_PAGE_2M).next_multiple_of(HUGE_PAGE_2M);
-            (r.end().saturating_sub(start) >= 2 * HUGE_PAGE_2M).then_some(start)
-        })
-        .next()
-        .ok_or_else(|| "no usable IOVA range of 4 MiB".to_string())
-}
-
-/// Maps `len` bytes of `fd` at `iova` by fd+offset and unmaps them again.
-fn try_map_file(ioas: &Ioas, fd: impl AsFd, iova: u64, len: u64) -> Result<(), iommufd::Error> {
-    ioas.map_file(Iova::Fixed(iova), fd.as_fd(), 0, len, Access::READ_WRITE)?;
-    ioas.unmap(iova, len).map(drop)
-}
-
-/// What a MAP_FILE outcome means: `Ok(true)`, refused (`false`), or an unrelated failure.
-fn map_file_answer(
-    result: Result<(), iommufd::Error>,
-    evidence: Evidence,
-    what: &str,
-) -> Answer<bool> {
-    match result {
-        Ok(()) => Answer::new(true, evidence),
-        Err(e) if e.errno() == Some(libc::ENOTTY) => Answer::observed(false)
-            .with_detail("the kernel has no IOMMU_IOAS_MAP_FILE (added in 6.13)"),
-        Err(e @ iommufd::Error::FileNotPinnable { .. }) => {
-            Answer::new(false, evidence).with_detail(e.to_string())
-        }
-        Err(e) if e.errno() == Some(libc::EINVAL) => {
-            Answer::new(false, evidence).with_detail(e.to_string())
-        }
-        Err(e) => Answer::unavailable(format!("MAP_FILE of a {what} failed: {e}")),
-    }
-}
-
-fn hugetlb_memfd() -> Result<Memfd, String> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    match free_huge_pages_2m(&meminfo) {
-        Some(n) if n >= 1 => {}
-        Some(_) => {
-            return Err(
-                "no free 2 MiB huge pages (reserve one: echo 1 > /proc/sys/vm/nr_hugepages)".into(),
-            )
-        }
-        None => return Err("the default huge page size is not 2 MiB".into()),
-    }
-    let m = Memfd::hugetlb("vfio-gmem-probe-huge", HUGE_PAGE_2M).map_err(|e| e.to_string())?;
-    m.allocate(0, HUGE_PAGE_2M).map_err(|e| e.to_string())?;
-    Ok(m)
-}
-
-/// A default-VM guest_memfd created `MMAP|INIT_SHARED` (one page).
-fn shared_guest_memfd() -> Result<(KvmVm, gmem::GuestMemfd), String> {
-    let vm = KvmVm::create(VmType::Default).map_err(|e| e.to_string())?;
-    let g = vm
-        .create_guest_memfd(PAGE_SIZE, GmemFlags::MMAP | GmemFlags::INIT_SHARED)
-        .map_err(|e| e.to_string())?;
-    Ok((vm, g))
-}
-
-fn probe_mapping_with_device(dev: &Device) -> MappingAnswers {
-    let setup = || -> Result<(Arc<Iommufd>, Ioas), String> {
-        let fd = Arc::new(Iommufd::open().map_err(|e| e.to_string())?);
-        let ioas = Ioas::new(&fd).map_err(|e| e.to_string())?;
-        // As a DmaSpace prepared for conversions does: both before anything is mapped.
-        ioas.set_huge_pages(false).map_err(|e| e.to_string())?;
-        ioas.set_compat().map_err(|e| e.to_string())?;
-        dev.bind_iommufd(fd.as_fd()).map_err(|e| e.to_string())?;
-        dev.attach(ioas.id()).map_err(|e| e.to_string())?;
-        Ok((fd, ioas))
-    };
-    let (_fd, ioas) = match setup() {
-        Ok(x) => x,
-        Err(e) => {
-            return MappingAnswers::all_unavailable(&format!(
-                "cannot attach {} to a probe IOAS: {e}",
-                dev.name()
-            ))
-        }
-    };
-    let answers = (|| {
-        let cut = match crate::dma::probe_cut(&ioas) {
-            CutSupport::Verified => Answer::verified(true),
-            CutSupport::Unavailable(why) => Answer::verified(false).with_detail(why),
-            CutSupport::NotProbed => Answer::unavailable("not probed"),
-        };
-        let base = match probe_base(&ioas) {
-            Ok(b) => b,
-            Err(e) => {
-                let mut a = MappingAnswers::all_unavailable(&e);
-                a.cut = cut;
-                return a;
-            }
-        };
-        let memfd = match Memfd::new("vfio-gmem-probe", PAGE_SIZE) {
-            Ok(m) => map_file_answer(
-                try_map_file(&ioas, &m, base, PAGE_SIZE),
-                Evidence::VerifiedWithDevice,
-                "memfd",
-            ),
-            Err(e) => Answer::unavailable(e.to_string()),
-        };
-        let hugetlb = match hugetlb_memfd() {
-            Ok(m) => map_file_answer(
-                try_map_file(&ioas, &m, base, HUGE_PAGE_2M),
-                Evidence::VerifiedWithDevice,
-                "hugetlb memfd",
-            ),
-            Err(why) => match memfd.value {
-                Some(v) => Answer::inferred(
-                    v,
-                    format!("not tried ({why}); memfd_pin_folios() pins hugetlb like shmem"),
-                ),
-                None => Answer::unavailable(why),
-            },
-        };
-        let guest_memfd = match shared_guest_memfd() {
-            Ok((_vm, g)) => map_file_answer(
-                try_map_file(&ioas, &g, base, PAGE_SIZE),
-                Evidence::VerifiedWithDevice,
-                "guest_memfd",
-            ),
-            Err(e) => Answer::unavailable(format!("cannot create a guest_memfd: {e}")),
-        };
-        MappingAnswers {
-            memfd,
-            hugetlb,
-            guest_memfd,
-            cut,
-        }
-    })();
-    if let Err(e) = dev.detach() {
-        log::warn!("{}: detach after the probe failed: {e}", dev.name());
-    }
-    answers
-}
-
-const LAZY: &str = "no device attached: MAP_FILE pins lazily, so an IOAS without a domain \
-    accepts files the kernel cannot pin; pass a vfio-pci device to verify";
-
-fn probe_mapping_without_device(kernel: &str) -> MappingAnswers {
-    let setup = || -> Result<Ioas, String> {
-        let fd = Arc::new(Iommufd::open().map_err(|e| e.to_string())?);
-        let ioas = Ioas::new(&fd).map_err(|e| e.to_string())?;
-        ioas.set_huge_pages(false).map_err(|e| e.to_string())?;
-        ioas.set_compat().map_err(|e| e.to_string())?;
-        Ok(ioas)
-    };
-    let ioas = match setup() {
-        Ok(i) => i,
-        Err(e) => return MappingAnswers::all_unavailable(&format!("cannot create an IOAS: {e}")),
-    };
-    let new_enough = kernel_version(kernel).is_some_and(|v| v >= (6, 13));
-    // Without a domain the ioctl still tells whether it exists at all.
-    let memfd = match (Memfd::new("vfio-gmem-probe", PAGE_SIZE), probe_base(&ioas)) {
-        (Ok(m), Ok(base)) => map_file_answer(
-            try_map_file(&ioas, &m, base, PAGE_SIZE),
-            Evidence::Inferred(format!(
-                "the ioctl accepted a memfd; shmem is pinnable; {LAZY}"
-            )),
-            "memfd",
-        ),
-        (Err(e), _) => Answer::unavailable(e.to_string()),
-        (_, Err(e)) => Answer::unavailable(e),
-    };
-    let has_ioctl = memfd.value == Some(true);
-    let hugetlb = match memfd.value {
-        Some(v) => Answer::inferred(
-            v,
-            "same pinning path as shmem (memfd_pin_folios()); not tried without a device",
-        ),
-        None => Answer::unavailable("the memfd probe failed"),
-    };
-    let guest_memfd = if !has_ioctl {
-        Answer::inferred(false, "no working IOMMU_IOAS_MAP_FILE")
-    } else {
-        Answer::inferred(
-            false,
-            format!(
-                "kernel {}: memfd_pin_folios() pins only shmem and hugetlb files (true up to \
-                 at least 7.3); {LAZY}",
-                if new_enough {
-                    kernel
-                } else {
-                    "older than 6.13"
-                }
-            ),
-        )
-    };
-    let cut = match crate::dma::probe_cut(&ioas) {
-        CutSupport::Verified => Answer::inferred(
-            true,
-            "the compat cut worked on an IOAS without a device; domains were not involved",
-        ),
-        CutSupport::Unavailable(why) => {
-            Answer::inferred(false, format!("failed without a device: {why}"))
-        }
-        CutSupport::NotProbed => Answer::unavailable("not probed"),
-    };
-    MappingAnswers {
-        memfd,
-        hugetlb,
-        guest_memfd,
-        cut,
-    }
-}
-
 /// One mapping path from a MAP_FILE answer: `fd+offset`, or the VA fallback and why.
 fn path_of(map_file: &Answer<bool>, backend_is_iommufd: bool) -> String {
     if !backend_is_iommufd {
@@ -649,7 +437,17 @@ pub fn verdict(
     let on_iommufd = backend == "iommufd";
     let conversions = match (on_iommufd, cut.value, &cut.evidence) {
         (false, _, _) => "per-granule areas (legacy type1 cannot cut)".to_string(),
-        (true, Some(true), Evidence::VerifiedWithDevice) => "cut-unmap verified".to_string(),
+        (true, Some(true), Evidence::VerifiedWithDevice) => match cut.detail.as_deref() {
+            Some(d) if d.starts_with(NATIVE_SPLIT) => {
+                let huge = if d.contains("huge pages on") {
+                    "on"
+                } else {
+                    "off"
+                };
+                format!("native split verified (huge pages {huge})")
+            }
+            _ => "cut-unmap verified".to_string(),
+        },
         (true, Some(true), _) => "cut-unmap (inferred, no device)".to_string(),
         (true, Some(false), _) => "per-granule areas (cut-unmap refused)".to_string(),
         (true, None, _) => "per-granule areas (cut-unmap not determined)".to_string(),
@@ -667,117 +465,4 @@ pub fn verdict(
         v.backend, v.guest_memfd, v.memfd, v.hugetlb, v.conversions
     );
     Verdict { summary, ..v }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn yes(e: Evidence) -> Answer<bool> {
-        Answer::new(true, e)
-    }
-    fn no(e: Evidence) -> Answer<bool> {
-        Answer::new(false, e)
-    }
-
-    #[test]
-    fn verdict_with_a_device_on_7_3() {
-        let v = verdict(
-            &Answer::observed(true),
-            &Answer::observed(true),
-            &yes(Evidence::VerifiedWithDevice),
-            &yes(Evidence::VerifiedWithDevice),
-            &no(Evidence::VerifiedWithDevice),
-            &yes(Evidence::VerifiedWithDevice),
-        );
-        assert_eq!(v.backend, "iommufd");
-        assert_eq!(
-            v.guest_memfd,
-            "VA fallback (MAP_FILE refused, with a device attached)"
-        );
-        assert_eq!(v.memfd, "fd+offset (with a device attached)");
-        assert_eq!(v.conversions, "cut-unmap verified");
-        assert!(v.summary.starts_with("iommufd: guest_memfd: VA fallback"));
-        assert!(v.summary.ends_with("conversions: cut-unmap verified"));
-    }
-
-    #[test]
-    fn verdict_without_a_device_says_inferred() {
-        let inf = || Evidence::Inferred("no device".into());
-        let v = verdict(
-            &Answer::observed(true),
-            &Answer::observed(false),
-            &yes(inf()),
-            &yes(inf()),
-            &no(inf()),
-            &yes(inf()),
-        );
-        assert!(v.memfd.contains("inferred"), "{v:?}");
-        assert!(v.guest_memfd.contains("inferred"), "{v:?}");
-        assert_eq!(v.conversions, "cut-unmap (inferred, no device)");
-    }
-
-    #[test]
-    fn verdict_on_legacy_and_on_nothing() {
-        let un = || Answer::unavailable("no /dev/iommu");
-        let v = verdict(
-            &Answer::observed(false),
-            &Answer::observed(true),
-            &un(),
-            &un(),
-            &un(),
-            &un(),
-        );
-        assert_eq!(v.backend, "legacy-type1");
-        assert!(v.guest_memfd.starts_with("VA"), "{v:?}");
-        assert!(v.conversions.starts_with("per-granule"), "{v:?}");
-        let v = verdict(
-            &Answer::observed(false),
-            &Answer::observed(false),
-            &un(),
-            &un(),
-            &un(),
-            &un(),
-        );
-        assert_eq!(v.backend, "none");
-        assert!(v.summary.contains("impossible"), "{v:?}");
-    }
-
-    #[test]
-    fn answers_serialize_with_their_evidence() {
-        let a = no(Evidence::VerifiedWithDevice).with_detail("EINVAL");
-        let j = serde_json::to_value(&a).unwrap();
-        assert_eq!(j["value"], false);
-        assert_eq!(j["evidence"]["kind"], "verified-with-device");
-        assert_eq!(j["detail"], "EINVAL");
-        let j = serde_json::to_value(Answer::<bool>::unavailable("no KVM")).unwrap();
-        assert!(j["value"].is_null());
-        assert_eq!(j["evidence"]["kind"], "unavailable");
-        assert_eq!(j["evidence"]["reason"], "no KVM");
-        assert!(j.get("detail").is_none());
-    }
-
-    #[test]
-    fn labels_and_display() {
-        assert_eq!(Evidence::VerifiedWithDevice.label(), "verified (device)");
-        assert_eq!(Evidence::Inferred("x".into()).reason(), Some("x"));
-        assert_eq!(Answer::observed(true).to_string(), "yes");
-        assert_eq!(Answer::<bool>::unavailable("x").to_string(), "?");
-    }
-
-    #[test]
-    fn meminfo_and_versions() {
-        assert_eq!(free_huge_pages_2m(""), None);
-        assert_eq!(
-            free_huge_pages_2m("HugePages_Free: 0\nHugepagesize: 2048 kB\n"),
-            Some(0)
-        );
-        assert_eq!(kernel_version("6.12.0+"), Some((6, 12)));
-        assert!(kernel_version("7.3.4").unwrap() >= (6, 13));
-    }
-
-    #[test]
-    fn kernel_release_is_not_empty() {
-        assert!(!kernel_release().is_empty());
-    }
 }

@@ -151,3 +151,26 @@ fn root_only_commands_say_so() {
         );
     }
 }
+
+/// `helper` refuses to start without being told whom to serve (before touching any
+/// device), and its usage errors are clap's.
+#[test]
+fn helper_serves_nobody_by_default() {
+    let o = run(&["helper", "--socket", "/tmp/x.sock", "--device", "00:03.0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--allow-uid UID and/or --allow-gid GID"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!std::path::Path::new("/tmp/x.sock").exists());
+    let o = run(&["helper", "--socket", "/tmp/x.sock", "--allow-uid", "1000"]);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--device is required: {}",
+        stderr(&o)
+    );
+    let o = run(&["helper", "--device", "00:03.0", "--allow-uid", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+}

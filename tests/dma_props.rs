@@ -5,9 +5,11 @@
 //! Default case counts keep `cargo test` fast; set `PROPTEST_CASES` for longer runs.
 
 use proptest::prelude::*;
+use vfio_gmem::dma::planning::{
+    execute, Area, AttributesOp, Backing, Op, Plan, RangeSet, RegionSpec, Tracker,
+};
 use vfio_gmem::dma::{
-    self, execute, Area, AttributesOp, Backing, ConversionRequest, Executor, FakeKernel,
-    GuestMemory, Op, Outcome, PageState, Plan, PlanError, RangeSet, RegionId, RegionSpec,
+    self, ConversionRequest, Executor, FakeKernel, Outcome, PageState, PlanError, RegionId,
     TouchedState, PAGE_SIZE,
 };
 
@@ -361,14 +363,14 @@ fn error_name(e: &PlanError) -> &'static str {
 // ---------------------------------------------------------------- checks
 
 struct World {
-    mem: GuestMemory,
+    mem: Tracker,
     k: FakeKernel,
     model: Model,
 }
 
 impl World {
     fn new(l: &LayoutGen) -> World {
-        let mut mem = GuestMemory::new();
+        let mut mem = Tracker::new();
         let mut k = FakeKernel::new();
         let regions = Model::build(l)
             .into_iter()
@@ -396,7 +398,7 @@ impl World {
 }
 
 /// Fake kernel == tracker == model, and each strategy's area shape holds.
-fn check_consistent(mem: &GuestMemory, k: &FakeKernel, model: &Model) -> Result<(), TestCaseError> {
+fn check_consistent(mem: &Tracker, k: &FakeKernel, model: &Model) -> Result<(), TestCaseError> {
     prop_assert_eq!(
         k.mapped(),
         model.shared_iova(),

@@ -1,6 +1,6 @@
 //! Unit tests of the planner, driver and fake-kernel rules, one rule per test.
 
-use vfio_gmem::dma::*;
+use vfio_gmem::dma::{planning::*, *};
 
 const P: u64 = PAGE_SIZE;
 const MIB: u64 = 1 << 20;
@@ -9,8 +9,8 @@ fn spec(gpa: u64, len: u64) -> RegionSpec {
     RegionSpec::new(gpa, len, Backing::Opaque(gpa))
 }
 
-fn setup(specs: &[RegionSpec]) -> (GuestMemory, FakeKernel, Vec<RegionId>) {
-    let (mut mem, mut k) = (GuestMemory::new(), FakeKernel::new());
+fn setup(specs: &[RegionSpec]) -> (Tracker, FakeKernel, Vec<RegionId>) {
+    let (mut mem, mut k) = (Tracker::new(), FakeKernel::new());
     let ids = specs
         .iter()
         .map(|s| mem.register(*s, &mut k).expect("register"))
@@ -18,7 +18,7 @@ fn setup(specs: &[RegionSpec]) -> (GuestMemory, FakeKernel, Vec<RegionId>) {
     (mem, k, ids)
 }
 
-fn areas(mem: &GuestMemory) -> Vec<(u64, u64)> {
+fn areas(mem: &Tracker) -> Vec<(u64, u64)> {
     mem.areas().map(|a| (a.iova, a.len)).collect()
 }
 
@@ -43,7 +43,7 @@ fn kinds(plan: &Plan) -> Vec<&'static str> {
         .collect()
 }
 
-fn plan_err(mem: &GuestMemory, s: RegionSpec) -> PlanError {
+fn plan_err(mem: &Tracker, s: RegionSpec) -> PlanError {
     mem.plan_register(s)
         .expect_err("registration must be refused")
 }
@@ -52,7 +52,7 @@ fn plan_err(mem: &GuestMemory, s: RegionSpec) -> PlanError {
 
 #[test]
 fn register_rejects_unaligned_empty_and_overflowing_regions() {
-    let mem = GuestMemory::new();
+    let mem = Tracker::new();
     let e = plan_err(&mem, spec(0x800, P));
     assert!(matches!(
         e,
@@ -82,7 +82,7 @@ fn register_rejects_unaligned_empty_and_overflowing_regions() {
 
 #[test]
 fn register_rejects_bad_granules_and_inconsistent_strategies() {
-    let mem = GuestMemory::new();
+    let mem = Tracker::new();
     for g in [0, 2048, 3 * P, 5 * P] {
         let e = plan_err(&mem, spec(0, MIB).granule(g));
         assert!(matches!(e, PlanError::InvalidGranule { .. }), "{g}: {e}");
@@ -123,7 +123,7 @@ fn register_rejects_gpa_and_iova_overlap() {
 
 #[test]
 fn register_maps_by_strategy() {
-    let mem = GuestMemory::new();
+    let mem = Tracker::new();
     assert_eq!(kinds(&mem.plan_register(spec(0, MIB)).unwrap()), ["map"]);
     let whole = RegionSpec::non_convertible(0, MIB, Backing::Opaque(0));
     assert_eq!(kinds(&mem.plan_register(whole).unwrap()), ["map"]);
@@ -257,7 +257,7 @@ fn uncovered_ranges_name_the_nearest_region() {
         .plan_convert(4 * MIB - P, P, PageState::Private)
         .unwrap_err();
     assert!(matches!(e, PlanError::NotCovered { nearest: Some((id, _)), .. } if id == ids[1]));
-    let e = GuestMemory::new()
+    let e = Tracker::new()
         .plan_convert(0, P, PageState::Private)
         .unwrap_err();
     assert!(e.to_string().contains("no region is registered"));
@@ -294,7 +294,7 @@ fn non_convertible_regions_refuse_conversion() {
 
 // ---- conversions: PerGranule ----
 
-fn per_granule() -> (GuestMemory, FakeKernel, Vec<RegionId>) {
+fn per_granule() -> (Tracker, FakeKernel, Vec<RegionId>) {
     setup(&[spec(0, MIB).strategy(Strategy::PerGranule).granule(16 * P)])
 }
 

@@ -9,7 +9,10 @@ use proptest::prelude::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
-#[path = "../fuzz/src/dma_model.rs"]
+#[allow(dead_code)] // the CLI's HELP text is not exercised here
+#[path = "../src/bin/vfio-gmem/control.rs"]
+mod control;
+#[path = "../fuzz/src/dma_model/mod.rs"]
 mod dma_model;
 #[path = "../fuzz/src/parsers.rs"]
 mod parsers;

@@ -11,10 +11,10 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
+use vfio_gmem::dma::planning::{Backing, MapOp, UnmapKind, UnmapOp};
 use vfio_gmem::dma::{
-    Backing, ConversionRequest, DmaSpace, Executor, FakeKernel, GuestRegion, MapOp, Outcome,
-    PageState, PlanError, RegionId, SharedMemory, SpaceError, SpaceOptions, Strategy, UnmapKind,
-    UnmapOp, PAGE_SIZE,
+    ConversionRequest, DmaSpace, Executor, FakeKernel, GuestRegion, Outcome, PageState, PlanError,
+    RegionId, SharedMemory, SpaceError, SpaceOptions, Strategy, PAGE_SIZE,
 };
 use vfio_gmem::gmem::Memfd;
 use vfio_gmem::mapper::{Access, Backend, DmaMapper, Iova, MapError};
@@ -43,7 +43,7 @@ impl DmaMapper for FakeMapper {
     fn can_map_file(&self) -> bool {
         false
     }
-    fn map_user(&self, iova: Iova, va: u64, len: u64, _: Access) -> Result<u64, MapError> {
+    unsafe fn map_user(&self, iova: Iova, va: u64, len: u64, _: Access) -> Result<u64, MapError> {
         let Iova::Fixed(iova) = iova else {
             return Err(MapError::AnyIovaUnsupported {
                 backend: self.backend(),

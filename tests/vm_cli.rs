@@ -10,11 +10,42 @@ use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
 use serde_json::Value;
+use support::needs::{self, Need};
 use support::{pci, run_vm_tests, OrFail};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vfio-gmem");
 
+/// What the running kernel must offer (see `support::needs`); unmet: reported skipped.
+/// The `*_without_*` tests check what the tool does on Debian's own kernel.
+const NEEDS: needs::Needs = &[
+    (
+        "probe_json_matches_the_kernel",
+        &[Need::Iommufd, Need::PrivateMemory],
+    ),
+    ("selftest_passes", &[Need::Iommufd, Need::PrivateMemory]),
+    (
+        "assign_confidential_scripted",
+        &[Need::Iommufd, Need::PrivateMemory],
+    ),
+    ("assign_gmem_human_output", &[Need::Iommufd]),
+    ("probe_without_iommufd_is_legacy", &[Need::NoIommufd]),
+    (
+        "selftest_without_private_memory_skips_kvm_attributes",
+        &[Need::NoPrivateMemory],
+    ),
+    ("assign_iommufd_refused_without_iommufd", &[Need::NoIommufd]),
+];
+
+// The tests of Debian's own kernel, in this target so the stock leg boots once for all.
+#[path = "vm_cli/stock.rs"]
+mod stock;
+use stock::{
+    assign_iommufd_refused_without_iommufd, probe_without_iommufd_is_legacy,
+    selftest_without_private_memory_skips_kvm_attributes,
+};
+
 fn main() {
+    needs::declare(NEEDS);
     run_vm_tests(&[
         (
             "probe_json_matches_the_kernel",
@@ -31,6 +62,18 @@ fn main() {
         ("assign_legacy_container", assign_legacy_container),
         ("assign_stops_on_sigterm", assign_stops_on_sigterm),
         ("documented_errors", documented_errors),
+        (
+            "probe_without_iommufd_is_legacy",
+            probe_without_iommufd_is_legacy,
+        ),
+        (
+            "selftest_without_private_memory_skips_kvm_attributes",
+            selftest_without_private_memory_skips_kvm_attributes,
+        ),
+        (
+            "assign_iommufd_refused_without_iommufd",
+            assign_iommufd_refused_without_iommufd,
+        ),
     ]);
 }
 
@@ -61,7 +104,8 @@ fn err(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// Runs and requires `code`.
+/// Runs and requires `code`. A failure's message names each cause once: no OS error
+/// text (`(os error N)`) twice.
 fn expect(args: &[&str], stdin: Option<&str>, code: i32) -> Result<Output, Failed> {
     let o = cli(args, stdin)?;
     check!(
@@ -71,6 +115,18 @@ fn expect(args: &[&str], stdin: Option<&str>, code: i32) -> Result<Output, Faile
         out(&o),
         err(&o)
     );
+    let e = err(&o);
+    for line in e.lines() {
+        let mut seen: Vec<&str> = Vec::new();
+        for (i, _) in line.match_indices("(os error ") {
+            let errno = line[i..].split(')').next().unwrap_or("");
+            check!(
+                !seen.contains(&errno),
+                "vfio-gmem {args:?}: a cause printed twice: {line}"
+            );
+            seen.push(errno);
+        }
+    }
     Ok(o)
 }
 
@@ -123,10 +179,12 @@ fn probe_json_matches_the_kernel() -> Result<(), Failed> {
         "MAP_FILE memfd must be verified true: {}",
         v["map_file_memfd"]
     );
+    // Plain 7.3 refuses guest_memfd in MAP_FILE; the patched kernel accepts it.
+    let gmem_ok = serde_json::Value::Bool(support::patched_kernel());
     check!(
-        v["map_file_guest_memfd"]["value"] == false
+        v["map_file_guest_memfd"]["value"] == gmem_ok
             && kind("map_file_guest_memfd") == "verified-with-device",
-        "MAP_FILE guest_memfd must be verified false on 7.3: {}",
+        "MAP_FILE guest_memfd must be verified {gmem_ok} on this kernel: {}",
         v["map_file_guest_memfd"]
     );
     check!(
@@ -136,10 +194,20 @@ fn probe_json_matches_the_kernel() -> Result<(), Failed> {
     );
     check!(v["device"] == e[0].as_str(), "device: {}", v["device"]);
     let summary = v["verdict"]["summary"].as_str().unwrap_or("");
+    // The patched kernel maps guest_memfd by fd+offset and splits areas natively
+    // (kernel/patches); the plain one falls back to VA and cuts through the compat IOAS.
+    let (gmem_verdict, cut_verdict) = if support::patched_kernel() {
+        (
+            "guest_memfd: fd+offset",
+            "native split verified (huge pages on)",
+        )
+    } else {
+        ("guest_memfd: VA fallback", "cut-unmap verified")
+    };
     check!(
-        summary.contains("guest_memfd: VA fallback")
+        summary.contains(gmem_verdict)
             && summary.contains("memfd: fd+offset")
-            && summary.contains("cut-unmap verified"),
+            && summary.contains(cut_verdict),
         "verdict: {summary}"
     );
     let types: Vec<&str> = v["vm_types"]
@@ -147,6 +215,16 @@ fn probe_json_matches_the_kernel() -> Result<(), Failed> {
         .map(|a| a.iter().filter_map(|t| t["vm_type"].as_str()).collect())
         .unwrap_or_default();
     check!(types.contains(&"SW_PROTECTED"), "VM types: {types:?}");
+    check!(
+        v["kvm_private_memory"]["value"] == true && kind("kvm_private_memory") == "observed",
+        "KVM private memory: {}",
+        v["kvm_private_memory"]
+    );
+    check!(
+        kind("vfio_cdev") == "observed",
+        "with a device bound the cdev is seen: {}",
+        v["vfio_cdev"]
+    );
     // Without --device the first vfio-pci device is used, and the table says which.
     let o = expect(&["probe"], None, 0)?;
     let text = out(&o);
@@ -188,6 +266,16 @@ fn list_shows_edu_devices_and_groups() -> Result<(), Failed> {
         );
         check!(r["group_members"].is_array(), "{r}");
         let bound = pci::driver(bdf).as_deref() == Some("vfio-pci");
+        // A cdev only on a kernel with iommufd, and then one that exists.
+        let cdev_expected = bound && Need::Iommufd.unmet().is_none();
+        check!(
+            r["vfio_cdev"].is_string() == cdev_expected,
+            "{bdf}: cdev {} (expected: {cdev_expected})",
+            r["vfio_cdev"]
+        );
+        if let Some(c) = r["vfio_cdev"].as_str() {
+            check!(std::path::Path::new(c).exists(), "{c} does not exist");
+        }
         check!(
             r["ready"] == bound,
             "{bdf}: ready {} but vfio-bound {bound}",
@@ -258,8 +346,12 @@ fn selftest_passes() -> Result<(), Failed> {
     check!(steps.len() == 22, "{} steps: {v}", steps.len());
     check!(v["ok"] == true, "{v}");
     for s in steps {
-        check!(s["pass"] == true, "step failed: {s}");
+        check!(
+            s["pass"] == true && s["result"] == "pass",
+            "step failed: {s}"
+        );
     }
+    check!(v["passed"] == 22 && v["skipped"] == 0, "{v}");
     check!(
         steps
             .iter()
@@ -391,10 +483,12 @@ fn assign_gmem_human_output() -> Result<(), Failed> {
         text.contains("guest_memfd (MMAP|INIT_SHARED)") && text.contains("not convertible"),
         "{text}"
     );
-    check!(
-        text.contains("VA (the kernel cannot pin this file"),
-        "guest_memfd maps by VA: {text}"
-    );
+    let path = if support::patched_kernel() {
+        "fd+offset"
+    } else {
+        "VA (the kernel cannot pin this file"
+    };
+    check!(text.contains(path), "guest_memfd maps by {path}: {text}");
     check!(
         text.contains("status: shared 4 MiB, private 0 B, 1 areas live"),
         "{text}"
@@ -430,6 +524,29 @@ fn assign_legacy_container() -> Result<(), Failed> {
     )?;
     let lines = json_lines(&o)?;
     check!(lines[0]["backend"] == "legacy", "{}", lines[0]);
+    // With a SW_PROTECTED VM, KVM's attributes follow; without one (Debian's kernel), the
+    // same conversions on the IOMMU only, and the ready event says so.
+    let mem = &lines[0]["memory"];
+    match Need::PrivateMemory.unmet() {
+        None => check!(
+            mem["kvm_private_memory"] == true
+                && mem["vm_type"] == "SW_PROTECTED"
+                && mem["note"].is_null(),
+            "{mem}"
+        ),
+        Some(_) => check!(
+            mem["kvm_private_memory"] == false
+                && mem["vm_type"].is_null()
+                && mem["note"].as_str().is_some_and(|n| n.starts_with(
+                    "no KVM private memory on this kernel: conversions exercised on the IOMMU only"
+                )),
+            "{mem}"
+        ),
+    }
+    check!(
+        mem["convertible"] == true && mem["initial"] == "private",
+        "{mem}"
+    );
     check!(
         lines[0]["regions"][0]["strategy"] == "pergranule",
         "{}",
@@ -480,8 +597,9 @@ fn assign_stops_on_sigterm() -> Result<(), Failed> {
     std::io::Read::read_to_string(&mut stdout, &mut rest).or_fail("read")?;
     check!(status.code() == Some(0), "exit {status:?}; {rest}");
     check!(rest.contains("\"reason\":\"signal\""), "{rest}");
-    // The device is free again: nothing holds its cdev.
-    expect(&["probe", "--json", "--device", &e[0]], None, 0)?;
+    // The device is free again: a new session opens it (cdev or group) at once.
+    let o = expect(&["assign", &e[0], "--memory", "2M", "--json"], Some(""), 0)?;
+    check!(out(&o).contains("\"event\":\"ready\""), "{}", out(&o));
     Ok(())
 }
 

@@ -18,11 +18,16 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
+use support::needs::{self, Need};
 use support::space::{self as sp, Confidential, GPA, PAGE};
 use support::{pci, run_vm_tests};
 use vfio_gmem::dma::{ConversionRequest, CutSupport, DmaSpace, PageState, SpaceOptions, Strategy};
 
+/// What the running kernel must offer (see `support::needs`); unmet: reported skipped.
+const NEEDS: needs::Needs = &[("*", &[Need::Iommufd, Need::PrivateMemory])];
+
 fn main() {
+    needs::declare(NEEDS);
     run_vm_tests(&[
         ("four_threads_cut_strategy", four_threads_cut_strategy),
         (
@@ -210,7 +215,7 @@ fn run(options: SpaceOptions, want: &str) -> Result<(), Failed> {
         shared: _shared,
         mut view,
     } = sp::confidential(options, PAGES * PAGE)?;
-    let strategy = space.regions()[0].strategy.clone();
+    let strategy = space.regions()[0].strategy.to_string();
     check!(
         strategy == want,
         "region strategy {strategy}, wanted {want}"

@@ -3,18 +3,37 @@
 
 mod support;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use kvm_bindings::{kvm_create_guest_memfd, kvm_memory_attributes};
 use libtest_mimic::Failed;
+use support::needs::{self, Need};
 use support::{run_vm_tests, OrFail};
-use vfio_gmem::dma::{AttributesOp, DiscardOp, OpError, RegionId};
+use vfio_gmem::dma::planning::{AttributesOp, Backing, DiscardOp};
+use vfio_gmem::dma::{KvmAttributes, OpError, RegionId};
 use vfio_gmem::gmem::{
-    open_kvm, supported_vm_types, GmemError, GmemFlags, GuestMemfd, KvmAttributes, KvmVm, Memfd,
-    MemoryAttributes, VmType, HUGE_PAGE_2M,
+    open_kvm, supported_vm_types, GmemError, GmemFlags, GuestMemfd, KvmVm, Memfd, MemoryAttributes,
+    VmType, HUGE_PAGE_2M,
 };
 
+/// What the running kernel must offer (see `support::needs`); unmet: reported skipped.
+const NEEDS: needs::Needs = &[
+    (
+        "kvm_reports_flags_and_attributes_per_vm_type",
+        &[Need::PrivateMemory],
+    ),
+    (
+        "sw_protected_accepts_mmap_refuses_init_shared",
+        &[Need::PrivateMemory],
+    ),
+    (
+        "memory_attributes_private_then_shared",
+        &[Need::PrivateMemory],
+    ),
+];
+
 fn main() {
+    needs::declare(NEEDS);
     run_vm_tests(&[
         ("kvm_reports_flags_and_attributes_per_vm_type", reports_caps),
         (
@@ -120,15 +139,19 @@ fn default_vm_gmem() -> Result<(), Failed> {
             .all(|&b| b == 0),
         "page 1 not zero after punch_hole"
     );
-    // Through the executor half: discard page 3 via a File backing.
+    // Through the executor half: discard page 3 of the region's file.
     let mut k = KvmAttributes::new(&vm);
-    k.discard(&DiscardOp {
-        region: RegionId(0),
-        backing: gmem.backing(0),
-        gpa: 0,
-        offset: 3 * PAGE as u64,
-        len: PAGE as u64,
-    })
+    k.discard_file(
+        gmem.as_fd(),
+        0,
+        &DiscardOp {
+            region: RegionId(0),
+            backing: Backing::Opaque(0),
+            gpa: 0,
+            offset: 3 * PAGE as u64,
+            len: PAGE as u64,
+        },
+    )
     .or_fail("discard page 3")?;
     check!(
         map.read_vec(3 * PAGE, PAGE)

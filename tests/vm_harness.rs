@@ -5,9 +5,14 @@ mod support;
 
 use libtest_mimic::Failed;
 use support::edu_raw::{memfd, Mapping, RawEdu, RawIommufd};
+use support::needs::{self, Need};
 use support::{pci, run_vm_tests, OrFail};
 
+/// What the running kernel must offer (see `support::needs`); unmet: reported skipped.
+const NEEDS: needs::Needs = &[("*", &[Need::Iommufd])];
+
 fn main() {
+    needs::declare(NEEDS);
     run_vm_tests(&[
         (
             "kernel_has_iommufd_vfio_and_kvm",

@@ -13,19 +13,34 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use libtest_mimic::Failed;
-use support::dma_engine::DmaEngine;
-use support::edu::Edu;
+use support::needs::{self, Need};
+use support::raw::{self as sys, iommufd_uapi as iu};
 use support::space::{self as sp, GPA, PAGE};
 use support::{pci, run_vm_tests, OrFail};
 use vfio_gmem::dma::{DmaSpace, GuestRegion, PageState, SharedMemory, SpaceOptions};
+use vfio_gmem::engine::edu::Edu;
+use vfio_gmem::engine::DmaEngine;
 use vfio_gmem::gmem::{GmemFlags, Memfd, VmType};
 use vfio_gmem::iommufd::Iommufd;
-use vfio_gmem::sys::{self, iommufd_uapi as iu};
 use vfio_gmem::vfio::Device;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vfio-gmem");
 
+/// What the running kernel must offer (see `support::needs`); unmet: reported skipped.
+const NEEDS: needs::Needs = &[
+    ("*", &[Need::Iommufd]),
+    (
+        "drop_in_every_order_leaves_no_fds_pins_or_warnings",
+        &[Need::PrivateMemory],
+    ),
+    (
+        "killed_assign_process_releases_device_and_pins",
+        &[Need::PrivateMemory],
+    ),
+];
+
 fn main() {
+    needs::declare(NEEDS);
     install_logger();
     run_vm_tests(&[
         (

@@ -1,5 +1,5 @@
 //! The conversion workload shared by the host microbenchmarks (benches/planner.rs) and
-//! the VM benchmarks (examples/bench_vm.rs), and a page model to check plans against.
+//! the VM benchmarks (examples/bench_vm/), and a page model to check plans against.
 //!
 //! Shape, after what a confidential guest does to its memory:
 //! - the region starts all private;
@@ -18,7 +18,8 @@
 
 #![allow(dead_code)]
 
-use vfio_gmem::dma::{PageBitmap, PageState, PAGE_SIZE};
+use vfio_gmem::dma::planning::PageBitmap;
+use vfio_gmem::dma::{PageState, PAGE_SIZE};
 
 /// First GPA of the convertible region (IOVA = GPA).
 pub const GPA: u64 = 0x1_0000_0000;

@@ -3,9 +3,11 @@
 use kvm_bindings::KVM_MEMORY_EXIT_FLAG_PRIVATE;
 use vfio_gmem::dma::{DmaSpace, PageState, SpaceError, Stats};
 
-use crate::edu::{self, Edu, PAGE};
+use crate::edu::{self, PAGE};
 use crate::guest::*;
 use crate::{trace, vm};
+use vfio_gmem::engine::edu::Edu;
+use vfio_gmem::engine::DmaEngine;
 
 /// IOVA = GPA + this: keeps device addresses away from IOVA 0 and shows that the
 /// device's view need not equal the guest's.
@@ -64,6 +66,17 @@ pub struct Vmm {
 impl Vmm {
     fn iova(gpa: u64) -> u64 {
         gpa + IOVA_OFFSET
+    }
+
+    /// RAM at `iova` → the device buffer (one page). The device reports completion even
+    /// when the IOMMU refused the access; callers check memory.
+    fn read_ram(&self, iova: u64) -> Result<(), String> {
+        self.edu.dma_from_ram(iova, PAGE).map_err(|e| e.to_string())
+    }
+
+    /// The device buffer → RAM at `iova` (one page).
+    fn write_ram(&self, iova: u64) -> Result<(), String> {
+        self.edu.dma_to_ram(iova, PAGE).map_err(|e| e.to_string())
     }
 
     pub fn io_out(&mut self, port: u16, value: u8) -> Result<(), String> {
@@ -223,8 +236,8 @@ impl Vmm {
     fn doorbell(&mut self, request: u8) -> Result<(), String> {
         match request {
             REQ_COPY_A_TO_B => {
-                self.edu.read_ram(Self::iova(BUF_A))?;
-                self.edu.write_ram(Self::iova(BUF_B))?;
+                self.read_ram(Self::iova(BUF_A))?;
+                self.write_ram(Self::iova(BUF_B))?;
                 let (a, b) = (self.host_page(BUF_A), self.host_page(BUF_B));
                 let pattern = a.iter().enumerate().all(|(i, &x)| x == i as u8);
                 self.story.line(
@@ -243,7 +256,7 @@ impl Vmm {
                 self.story.check(a.iter().all(|&x| x == 0), "host view of A is zero: discarded at conversion, the guest's private writes went to guest_memfd");
                 self.stage_device_fill()?;
                 let faults = edu::iommu_fault_lines();
-                self.edu.write_ram(Self::iova(BUF_A))?;
+                self.write_ram(Self::iova(BUF_A))?;
                 let new_faults = edu::iommu_fault_lines().saturating_sub(faults);
                 let unchanged = self.host_page(BUF_A) == a;
                 self.story.line("dma", format!(
@@ -256,7 +269,7 @@ impl Vmm {
             }
             REQ_WRITE_A_WHILE_SHARED => {
                 self.stage_device_fill()?;
-                self.edu.write_ram(Self::iova(BUF_A))?;
+                self.write_ram(Self::iova(BUF_A))?;
                 let ok = self.host_page(BUF_A).iter().all(|&x| x == DEVICE_FILL);
                 self.story.line(
                     "dma",
@@ -279,7 +292,7 @@ impl Vmm {
             .view
             .fill(STAGING as usize, PAGE as usize, DEVICE_FILL)
             .map_err(|e| format!("staging: {e}"))?;
-        self.edu.read_ram(Self::iova(STAGING))
+        self.read_ram(Self::iova(STAGING))
     }
 
     pub fn finish(mut self) -> usize {

@@ -4,6 +4,8 @@
 //! ```sh
 //! cargo build --example reference_vmm
 //! scripts/vm-run -- target/debug/examples/reference_vmm [--device BDF] [--print-guest]
+//! # unprivileged: every device node arrives from `vfio-gmem helper` (docs/unprivileged.md)
+//! reference_vmm --device BDF --handoff /run/vfio-gmem.sock [--wait-before-run]
 //! ```
 //!
 //! What it builds (see `vm.rs` for the memory layout, `guest.rs` for the program):
@@ -22,6 +24,7 @@
 mod edu;
 mod exits;
 mod guest;
+mod handoff;
 mod trace;
 mod vm;
 
@@ -32,13 +35,25 @@ use kvm_ioctls::VcpuExit;
 use vfio_gmem::dma::{DmaSpace, GuestRegion, PageState, SharedMemory, SpaceOptions};
 use vfio_gmem::iommufd::Iommufd;
 
-use edu::Edu;
 use exits::{Story, Vmm, IOVA_OFFSET};
 use guest::*;
+use vfio_gmem::engine::edu::Edu;
+
+/// Options beyond the device.
+#[derive(Default)]
+struct Opts {
+    /// Receive every privileged fd from `vfio-gmem helper` at this socket.
+    handoff: Option<String>,
+    /// After setup, wait for a line on stdin before running the guest.
+    wait: bool,
+    /// Skip the locked-memory check (the kernel's own refusal is then what fails).
+    no_memlock_check: bool,
+}
 
 fn main() -> ExitCode {
     let mut device = None;
     let mut print_guest = false;
+    let mut opts = Opts::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let bdf = match arg.as_str() {
@@ -46,8 +61,23 @@ fn main() -> ExitCode {
                 print_guest = true;
                 continue;
             }
+            "--handoff" => {
+                opts.handoff = args.next();
+                continue;
+            }
+            "--wait-before-run" => {
+                opts.wait = true;
+                continue;
+            }
+            "--no-memlock-check" => {
+                opts.no_memlock_check = true;
+                continue;
+            }
             "-h" | "--help" => {
-                println!("usage: reference_vmm [--device BDF] [--print-guest]");
+                println!(
+                    "usage: reference_vmm [--device BDF] [--print-guest] [--handoff SOCKET \
+                     [--wait-before-run] [--no-memlock-check]]"
+                );
                 return ExitCode::SUCCESS;
             }
             "--device" => args.next().unwrap_or_default(),
@@ -76,7 +106,7 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    match run(device, insn, &code) {
+    match run(device, insn, &code, &opts) {
         Ok(0) => ExitCode::SUCCESS,
         Ok(n) => {
             eprintln!("reference_vmm: {n} check(s) failed");
@@ -93,14 +123,23 @@ fn run(
     device: Option<vfio_gmem::vfio::Bdf>,
     insn: HypercallInsn,
     code: &[u8],
+    opts: &Opts,
 ) -> Result<usize, String> {
     trace::install();
     let story = Story { failures: 0 };
     // 0. The device, found first: nothing is created if it is missing.
     let bdf = edu::find(device)?;
+    // With --handoff, /dev/kvm and the device's fds come from the privileged helper.
+    let (mut grant, kvm) = match &opts.handoff {
+        Some(socket) => {
+            let (g, k) = handoff::receive(socket, bdf, &story)?;
+            (Some(g), Some(k))
+        }
+        None => (None, None),
+    };
 
     // 1. The VM and its memory.
-    let mut vm = vm::create()?;
+    let mut vm = vm::create(kvm.as_ref())?;
     story.line(
         "setup",
         format!(
@@ -125,24 +164,44 @@ fn run(
         ),
     );
 
-    // 2. The DMA space: an IOAS on /dev/iommu that also sets the VM's attributes.
-    let iommufd = Arc::new(Iommufd::open().map_err(|e| format!("opening /dev/iommu: {e}"))?);
-    let mut space = DmaSpace::iommufd(&iommufd, Some(vm.kvm_vm()), SpaceOptions::default())
-        .map_err(|e| format!("creating the DMA space: {e}"))?;
+    let (mut space, dev) = if let Some(grant) = grant.as_mut() {
+        // 2-3. The DMA space and the device on the received fds.
+        let (space, dev) = handoff::space(grant, &vm, bdf)?;
+        story.line(
+            "setup",
+            format!(
+                "edu {bdf}: received fds, {} backend; area cutting: {:?}",
+                space.backend(),
+                space.cut_support()
+            ),
+        );
+        (space, dev)
+    } else {
+        // 2. The DMA space: an IOAS on /dev/iommu that also sets the VM's attributes.
+        let iommufd = Arc::new(Iommufd::open().map_err(|e| format!("opening /dev/iommu: {e}"))?);
+        let mut space = DmaSpace::iommufd(&iommufd, Some(vm.kvm_vm()), SpaceOptions::default())
+            .map_err(|e| format!("creating the DMA space: {e}"))?;
 
-    // 3. The device: vfio-pci, its cdev, attached to the space.
-    let dev = edu::open(bdf)?;
-    space
-        .attach(&dev)
-        .map_err(|e| format!("attaching {bdf}: {e}"))?;
-    let edu = Edu::new(&dev)?;
-    story.line(
-        "setup",
-        format!(
-            "edu {bdf}: bound to vfio-pci, VFIO cdev bound to iommufd and attached; area cutting: {:?}",
-            space.cut_support()
-        ),
-    );
+        // 3. The device: vfio-pci, its cdev, attached to the space.
+        let dev = edu::open(bdf)?;
+        space
+            .attach(&dev)
+            .map_err(|e| format!("attaching {bdf}: {e}"))?;
+        story.line(
+            "setup",
+            format!(
+                "edu {bdf}: bound to vfio-pci, VFIO cdev bound to iommufd and attached; area cutting: {:?}",
+                space.cut_support()
+            ),
+        );
+        (space, dev)
+    };
+    let edu = Edu::new(dev).map_err(|e| e.to_string())?;
+
+    // Without CAP_IPC_LOCK every mapped page counts against RLIMIT_MEMLOCK: check first.
+    if !opts.no_memlock_check {
+        handoff::check_memlock_for(&space, vm::TOTAL)?;
+    }
 
     // 4. All guest RAM, shared at first; private pages come from guest conversions.
     let fd = vm
@@ -163,7 +222,12 @@ fn run(
             .iova_offset(IOVA_OFFSET as i64)
             .convertible(PageState::Shared),
         )
-        .map_err(|e| format!("adding guest RAM to the DMA space: {e}"))?;
+        .map_err(|e| {
+            format!(
+                "adding guest RAM to the DMA space: {e} ({})",
+                handoff::pinned_text()
+            )
+        })?;
     let r = &space.regions()[0];
     story.line(
         "setup",
@@ -186,6 +250,12 @@ fn run(
             code.len()
         ),
     );
+
+    if opts.wait {
+        story.line("waiting", "for a line on stdin before running the guest");
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+    }
 
     let mut vmm = Vmm {
         story,

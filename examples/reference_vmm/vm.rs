@@ -14,10 +14,10 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use kvm_bindings::KVM_CAP_EXIT_HYPERCALL;
 use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region2, KVM_MEM_GUEST_MEMFD};
-use kvm_ioctls::{VcpuFd, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vfio_gmem::gmem::{GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType};
-use vfio_gmem::sys::kvm_gmem::KVM_CAP_EXIT_HYPERCALL;
 
 use crate::guest::{CODE, KVM_HC_MAP_GPA_RANGE, STACK, WINDOW};
 
@@ -45,9 +45,14 @@ impl Vm {
     }
 }
 
-/// Creates the VM and its memory; no vCPU yet.
-pub fn create() -> Result<Vm, String> {
-    let vm = KvmVm::create(VmType::SwProtected).map_err(|e| {
+/// Creates the VM and its memory; no vCPU yet. `kvm`: a `/dev/kvm` received from the
+/// helper (else this process opens it).
+pub fn create(kvm: Option<&Kvm>) -> Result<Vm, String> {
+    let vm = match kvm {
+        Some(kvm) => KvmVm::create_with(kvm, VmType::SwProtected),
+        None => KvmVm::create(VmType::SwProtected),
+    }
+    .map_err(|e| {
         format!(
             "creating a KVM_X86_SW_PROTECTED_VM: {e}\n  \
              (needs /dev/kvm, root, and a kernel with CONFIG_KVM_SW_PROTECTED_VM; \

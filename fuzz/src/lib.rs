@@ -4,3 +4,7 @@
 
 pub mod dma_model;
 pub mod parsers;
+
+/// The CLI's line protocol, compiled from the binary's source (it is not library API).
+#[path = "../../src/bin/vfio-gmem/control.rs"]
+pub mod control;

@@ -6,8 +6,8 @@
 //! reference grammar written from the documentation) or, by its first byte, a recipe for
 //! well-formed and malformed text whose meaning is known (checked for the exact result).
 
+use crate::control::{parse_number, parse_size, Command};
 use arbitrary::Unstructured;
-use vfio_gmem::control::{parse_number, parse_size, Command};
 use vfio_gmem::vfio::Bdf;
 
 // ------------------------------------------------------------------ control lines
@@ -35,8 +35,8 @@ pub fn control_lines(data: &[u8]) {
     }
 }
 
-fn variant(e: &vfio_gmem::control::ParseError) -> &'static str {
-    use vfio_gmem::control::ParseError as E;
+fn variant(e: &crate::control::ParseError) -> &'static str {
+    use crate::control::ParseError as E;
     match e {
         E::UnknownCommand(_) => "UnknownCommand",
         E::Arguments { .. } => "Arguments",
@@ -45,7 +45,7 @@ fn variant(e: &vfio_gmem::control::ParseError) -> &'static str {
 }
 
 /// Parses one line and checks what holds for every line; returns the result.
-fn check_line(line: &str) -> Result<Option<Command>, vfio_gmem::control::ParseError> {
+fn check_line(line: &str) -> Result<Option<Command>, crate::control::ParseError> {
     let r = Command::parse(line);
     let code = line.split('#').next().unwrap_or("");
     let words: Vec<&str> = code.split_whitespace().collect();

@@ -3,7 +3,6 @@
 use std::io;
 
 use super::flags::{GmemFlags, MemoryAttributes, VmType, VmTypes};
-use crate::dma::OpError;
 
 /// A guest_memfd, KVM or shared-backing operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,12 +172,6 @@ impl GmemError {
     }
 }
 
-impl From<GmemError> for OpError {
-    fn from(e: GmemError) -> Self {
-        OpError::from_errno(e.errno())
-    }
-}
-
 /// `kvm_ioctls` errors carry only an errno.
 pub(crate) fn kvm_err(e: kvm_ioctls::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
@@ -221,12 +214,6 @@ fn flags_refused(requested: GmemFlags, accepted: GmemFlags, t: Option<VmType>) -
     )
 }
 
-/// Describes an error for a log line: the explained message; errno for the executor.
-pub(crate) fn log_and_errno(context: &str, e: GmemError) -> OpError {
-    log::warn!("{context}: {e}");
-    e.into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,7 +230,7 @@ mod tests {
             "guest_memfd flag INIT_SHARED is refused on a SW_PROTECTED VM (EINVAL): it accepts \
              MMAP (KVM_CAP_GUEST_MEMFD_FLAGS); create with MMAP only"
         );
-        assert_eq!(OpError::from(e).errno, libc::EINVAL);
+        assert_eq!(e.errno(), libc::EINVAL);
         let e = GmemError::FlagsRefused {
             requested: GmemFlags::MMAP,
             accepted: GmemFlags::empty(),

@@ -12,7 +12,6 @@ use super::fdops;
 use super::flags::GmemFlags;
 use super::mmap::MappedMemory;
 use super::vm::KvmVm;
-use crate::dma::Backing;
 
 /// guest_memfd offsets and lengths are in units of 4 KiB pages.
 const GMEM_PAGE: u64 = 4096;
@@ -144,14 +143,6 @@ impl GuestMemfd {
     /// Creation flags, if known (always for files created by [`create`](Self::create)).
     pub fn flags(&self) -> Option<GmemFlags> {
         self.flags
-    }
-
-    /// The planner's description of byte `offset` of this file: [`Backing::File`].
-    pub fn backing(&self, offset: u64) -> Backing {
-        Backing::File {
-            fd: self.file.as_raw_fd(),
-            offset,
-        }
     }
 
     /// Maps the whole file shared and read-write. Needs `MMAP`; reading or writing a

@@ -8,7 +8,6 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use super::error::GmemError;
 use super::fdops;
 use super::mmap::MappedMemory;
-use crate::dma::Backing;
 
 /// Size of the huge pages [`Memfd::hugetlb`] uses.
 pub const HUGE_PAGE_2M: u64 = 2 << 20;
@@ -118,14 +117,6 @@ impl Memfd {
     /// True if backed by huge pages.
     pub fn is_hugetlb(&self) -> bool {
         self.page_size > 4096
-    }
-
-    /// The planner's description of byte `offset` of this file: [`Backing::File`].
-    pub fn backing(&self, offset: u64) -> Backing {
-        Backing::File {
-            fd: self.file.as_raw_fd(),
-            offset,
-        }
     }
 
     fn huge_pages_error(&self, op: &str, len: u64, e: io::Error) -> GmemError {
@@ -255,6 +246,5 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("outside its 0x1000 bytes"));
-        assert!(matches!(mem.backing(16), Backing::File { offset: 16, .. }));
     }
 }

@@ -5,7 +5,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
 
 use super::error::GmemError;
-use crate::dma::Backing;
 
 /// A `MAP_SHARED`, read-write mapping of part of a file (memfd, hugetlb memfd or
 /// guest_memfd with `MMAP`). Unmapped when dropped.
@@ -81,11 +80,6 @@ impl MappedMemory {
     /// Always false (a mapping has at least one byte).
     pub fn is_empty(&self) -> bool {
         self.len == 0
-    }
-
-    /// The planner's description of this mapping: [`Backing::Address`].
-    pub fn backing(&self) -> Backing {
-        Backing::Address(self.addr())
     }
 
     fn check(&self, op: &str, offset: usize, n: usize) -> Result<(), GmemError> {

@@ -9,8 +9,7 @@
 //! | [`GuestMemfd`] | a guest_memfd (`KVM_CREATE_GUEST_MEMFD`, or adopted) |
 //! | [`Memfd`] | a `memfd_create` file, optionally on 2 MiB huge pages |
 //! | [`MappedMemory`] | a shared `mmap` of either file |
-//! | [`KvmAttributes`] | the attribute and discard calls of a [`dma`](crate::dma) plan |
-//!
+//! //!
 //! Kernel facts this module relies on (Linux 7.3, virt/kvm/guest_memfd.c, kvm_main.c):
 //! - `KVM_CAP_GUEST_MEMFD_FLAGS` on a VM fd reports the accepted flags: `MMAP|INIT_SHARED`
 //!   on a default VM, `MMAP` only on VM types with private memory (`SW_PROTECTED`,
@@ -25,7 +24,6 @@
 //! - a guest_memfd lives on its own pseudo filesystem (`GUEST_MEMFD_MAGIC`); its
 //!   `/proc/self/fd` link reads `/[kvm-gmem] (deleted)` on 7.3.
 
-mod attributes;
 mod error;
 pub(crate) mod fdops;
 mod flags;
@@ -34,7 +32,6 @@ mod memfd;
 mod mmap;
 mod vm;
 
-pub use attributes::{discard_backing, KvmAttributes};
 pub use error::GmemError;
 pub use flags::{GmemFlags, MemoryAttributes, ParseError, VmType, VmTypes};
 pub use guest_memfd::GuestMemfd;

@@ -2,6 +2,7 @@
 //! memory attributes, guest_memfd creation).
 
 use std::borrow::Borrow;
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::raw::c_ulong;
 
 use kvm_bindings::kvm_memory_attributes;
@@ -67,6 +68,50 @@ impl KvmVm<VmFd> {
             vm,
             vm_type: Some(vm_type),
         })
+    }
+
+    /// Takes a KVM VM file descriptor the VMM (or a privileged helper) opened, e.g. one
+    /// received over a unix socket, without tying the caller to this crate's kvm-ioctls
+    /// version. Checks that `fd` is a KVM VM (`anon_inode:kvm-vm`); needs `/dev/kvm` for
+    /// the vCPU mapping size kvm-ioctls records.
+    ///
+    /// ```no_run
+    /// use std::os::fd::OwnedFd;
+    /// use vfio_gmem::gmem::{KvmVm, VmType};
+    /// # fn f(received: OwnedFd) -> Result<(), vfio_gmem::gmem::GmemError> {
+    /// let vm = KvmVm::from_owned_fd(received, Some(VmType::SwProtected))?.into_shared();
+    /// # Ok(()) }
+    /// ```
+    pub fn from_owned_fd(fd: OwnedFd, vm_type: Option<VmType>) -> Result<Self, GmemError> {
+        let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+            .map(|l| l.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if link != "anon_inode:kvm-vm" {
+            return Err(GmemError::invalid(
+                format!("fd {}", fd.as_raw_fd()),
+                format!(
+                    "is {}, not a KVM VM; pass the fd KVM_CREATE_VM returned",
+                    if link.is_empty() { "unknown" } else { &link }
+                ),
+            ));
+        }
+        let kvm = open_kvm()?;
+        kvm.get_vcpu_mmap_size()
+            .map_err(|e| GmemError::OpenKvm { source: kvm_err(e) })?;
+        // SAFETY: `fd` is an open KVM VM descriptor (checked above) whose ownership moves
+        // into the VmFd; the only fallible step before taking it was checked just above.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }
+            .map_err(|e| GmemError::OpenKvm { source: kvm_err(e) })?;
+        Ok(KvmVm { vm, vm_type })
+    }
+
+    /// The same VM behind an `Arc`, the form a [`DmaSpace`](crate::dma::DmaSpace) takes
+    /// (so the VMM can keep using it too).
+    pub fn into_shared(self) -> KvmVm<std::sync::Arc<VmFd>> {
+        KvmVm {
+            vm: std::sync::Arc::new(self.vm),
+            vm_type: self.vm_type,
+        }
     }
 }
 

@@ -58,7 +58,9 @@ impl Iommufd {
 
 impl Ioas {
     /// Makes this IOAS its iommufd's VFIO-compat IOAS (one per iommufd), the one
-    /// [`Ioas::cut_unmap`] acts on.
+    /// [`Ioas::cut_unmap`] acts on, replacing whichever IOAS held it: an
+    /// [`Ioas::cut_unmap`] on that one fails from then on. [`Ioas::claim_compat`] does not
+    /// take it from another IOAS.
     ///
     /// ```no_run
     /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
@@ -75,6 +77,30 @@ impl Ioas {
         )
         .map(drop)
         .map_err(|e| self.err("IOMMU_VFIO_IOAS set", None, e))
+    }
+
+    /// Makes this IOAS its iommufd's VFIO-compat IOAS unless another live IOAS already
+    /// is: then [`Error::CompatTaken`] and nothing changes. An IOAS this library dropped
+    /// while a device still used it (emptied, waiting to be destroyed) does not count.
+    /// Claims through this library are serialized per [`Iommufd`].
+    ///
+    /// ```no_run
+    /// # let (a, b): (vfio_gmem::iommufd::Ioas, vfio_gmem::iommufd::Ioas) = unimplemented!();
+    /// a.claim_compat()?;
+    /// assert!(b.claim_compat().is_err()); // a keeps it
+    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// ```
+    pub fn claim_compat(&self) -> Result<()> {
+        let fd = self.iommufd();
+        let _serial = fd.compat_claim.lock().unwrap_or_else(|p| p.into_inner());
+        match fd.compat_ioas_id()? {
+            Some(owner) if owner != self.id() && !fd.is_orphan(owner) => Err(Error::CompatTaken {
+                ioas: self.id(),
+                fd: fd.raw(),
+                owner,
+            }),
+            _ => self.set_compat(),
+        }
     }
 
     /// True if this IOAS is its iommufd's compat IOAS.

@@ -11,11 +11,14 @@ use crate::mapper::{Backend, MapError};
 /// A half-open IOVA span `[iova, iova + len)`, as it appears in error messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Span {
+    /// First byte.
     pub iova: u64,
+    /// Length in bytes.
     pub len: u64,
 }
 
 impl Span {
+    /// The span `[iova, iova + len)`.
     pub const fn new(iova: u64, len: u64) -> Self {
         Span { iova, len }
     }
@@ -69,8 +72,10 @@ pub enum Error {
         path.display()
     )]
     NoIommufd {
+        /// The device node that was opened (`/dev/iommu`).
         path: PathBuf,
         #[source]
+        /// The `open(2)` error (`ENOENT`/`ENODEV`/`ENXIO`).
         source: io::Error,
     },
 
@@ -81,16 +86,20 @@ pub enum Error {
         path.display()
     )]
     OpenDenied {
+        /// The device node that was opened (`/dev/iommu`).
         path: PathBuf,
         #[source]
+        /// The `open(2)` error (`EACCES`/`EPERM`).
         source: io::Error,
     },
 
     /// Opening `/dev/iommu` failed for another reason.
     #[error("cannot open {}: {source}", path.display())]
     Open {
+        /// The device node that was opened (`/dev/iommu`).
         path: PathBuf,
         #[source]
+        /// The `open(2)` error.
         source: io::Error,
     },
 
@@ -101,10 +110,14 @@ pub enum Error {
         match existing { Some(a) => format!("the mapped area {a}"), None => "an existing mapping".into() }
     )]
     Overlap {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The range asked for.
         span: Span,
+        /// The recorded area it overlaps, when the IOAS keeps an area record.
         existing: Option<Span>,
         #[source]
+        /// The kernel's `EEXIST`.
         source: io::Error,
     },
 
@@ -116,10 +129,15 @@ pub enum Error {
         match area { Some(a) => a.to_string(), None => "mapped there".into() }
     )]
     PartialUnmap {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The range asked for.
         span: Span,
+        /// The recorded area it cuts, when known.
         area: Option<Span>,
         #[source]
+        /// The kernel's `ENOENT`, or `None` when the area record refused the range before
+        /// any kernel call.
         source: Option<io::Error>,
     },
 
@@ -134,18 +152,24 @@ pub enum Error {
          first; unmap whole areas exactly as they were mapped"
     )]
     UnmapRefused {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The range asked for.
         span: Span,
         #[source]
+        /// The kernel's `ENOENT`.
         source: io::Error,
     },
 
     /// Nothing is mapped in the range (`ENOENT` from `IOMMU_IOAS_UNMAP`).
     #[error("IOAS {ioas}: nothing is mapped in {span}")]
     NotMapped {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The range asked for.
         span: Span,
         #[source]
+        /// The kernel's `ENOENT`, or `None` when the area record answered without a call.
         source: Option<io::Error>,
     },
 
@@ -158,10 +182,14 @@ pub enum Error {
         len = span.len
     )]
     MemlockLimit {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The range whose pages could not be pinned.
         span: Span,
+        /// The process's memlock limit when the pin failed.
         limit: MemlockLimit,
         #[source]
+        /// The kernel's `ENOMEM` or `EPERM`.
         source: io::Error,
     },
 
@@ -172,11 +200,40 @@ pub enum Error {
          Map its mmap by VA (map_user) instead"
     )]
     FileNotPinnable {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The file descriptor passed to the kernel (borrowed for the call only).
         fd: RawFd,
+        /// What the file is (`memfd`, `guest_memfd`, `hugetlbfs`...), as far as the library
+        /// could tell.
         kind: String,
+        /// Where it was to be mapped.
         span: Span,
         #[source]
+        /// The kernel's `EINVAL`.
+        source: io::Error,
+    },
+
+    /// `IOMMU_IOAS_MAP_FILE` of memory the host may not access (`EACCES`): a guest_memfd
+    /// whose pages are private, on a kernel that maps guest_memfd by fd+offset (the
+    /// project's kernel series). Nothing was mapped.
+    #[error(
+        "IOAS {ioas}: cannot map fd {fd} ({kind}) at {span}: its memory is private to the \
+         guest, and neither the host nor its devices may reach it. Map shared memory \
+         instead: a guest_memfd created with GUEST_MEMFD_FLAG_MMAP|INIT_SHARED, or a memfd"
+    )]
+    FilePrivate {
+        /// The IOAS id the request named.
+        ioas: u32,
+        /// The file descriptor passed to the kernel (borrowed for the call only).
+        fd: RawFd,
+        /// What the file is (`memfd`, `guest_memfd`, `hugetlbfs`...), as far as the library
+        /// could tell.
+        kind: String,
+        /// Where it was to be mapped.
+        span: Span,
+        #[source]
+        /// The kernel's `EACCES`.
         source: io::Error,
     },
 
@@ -187,9 +244,29 @@ pub enum Error {
         match current { Some(c) => format!("IOAS {c}"), None => "unset".into() }
     )]
     NotCompatIoas {
+        /// The IOAS id the request named.
         ioas: u32,
+        /// The iommufd the IOAS belongs to.
         fd: RawFd,
+        /// The IOAS that is the compat IOAS now, if any.
         current: Option<u32>,
+    },
+
+    /// [`Ioas::claim_compat`](super::Ioas::claim_compat) found another live IOAS already
+    /// holding the iommufd's single compat designation; nothing was changed.
+    #[error(
+        "IOAS {ioas}: iommufd fd {fd} already has IOAS {owner} as its VFIO-compat IOAS, and \
+         there is one per iommufd (it is the only IOAS whose areas the kernel can cut); left \
+         as it is. Open /dev/iommu again (a separate Iommufd) for another IOAS that must cut \
+         areas, or drop the IOAS that holds it first"
+    )]
+    CompatTaken {
+        /// The IOAS that asked for the designation.
+        ioas: u32,
+        /// The iommufd both IOASes belong to.
+        fd: RawFd,
+        /// The IOAS that holds the designation.
+        owner: u32,
     },
 
     /// `cut_unmap` on an IOAS with huge pages enabled: the kernel would not cut.
@@ -198,7 +275,12 @@ pub enum Error {
          will not split areas. Disable them (Ioas::set_huge_pages(false)) right after \
          creating the IOAS, before anything is mapped"
     )]
-    CutNeedsSmallPages { ioas: u32, span: Span },
+    CutNeedsSmallPages {
+        /// The (compat) IOAS asked to cut.
+        ioas: u32,
+        /// The range to cut out.
+        span: Span,
+    },
 
     /// Huge pages cannot be disabled once an attached domain holds mappings (`EINVAL`).
     #[error(
@@ -206,8 +288,10 @@ pub enum Error {
          Disable them before mapping (right after creating the IOAS)"
     )]
     HugePagesLocked {
+        /// The IOAS id the request named.
         ioas: u32,
         #[source]
+        /// The kernel's `EINVAL` from `IOMMU_OPTION_HUGE_PAGES`.
         source: io::Error,
     },
 
@@ -223,17 +307,22 @@ pub enum Error {
         }
     )]
     RlimitMode {
+        /// The iommufd.
         fd: RawFd,
         #[source]
+        /// The kernel's error (`EBUSY`, `EPERM`, ...).
         source: io::Error,
     },
 
     /// Any other failed request, naming the object it acted on.
     #[error("{op} on {object}: {source}")]
     Ioctl {
+        /// The request (`IOMMU_IOAS_ALLOC`, `IOMMU_HWPT_ALLOC`, ...).
         op: &'static str,
+        /// The object it acted on (`IOAS 3`, `iommufd fd 7`, ...).
         object: String,
         #[source]
+        /// The kernel's error.
         source: io::Error,
     },
 }
@@ -249,6 +338,7 @@ impl Error {
             | Overlap { source, .. }
             | MemlockLimit { source, .. }
             | FileNotPinnable { source, .. }
+            | FilePrivate { source, .. }
             | HugePagesLocked { source, .. }
             | RlimitMode { source, .. }
             | Ioctl { source, .. } => source.raw_os_error(),
@@ -260,6 +350,7 @@ impl Error {
             ),
             UnmapRefused { source, .. } => source.raw_os_error(),
             NotCompatIoas { .. } => Some(libc::ENODEV),
+            CompatTaken { .. } => Some(libc::EBUSY),
             CutNeedsSmallPages { .. } => Some(libc::EINVAL),
         }
     }
@@ -299,6 +390,16 @@ impl Error {
                 limit: MemlockLimit::current(),
                 source,
             },
+            Some(libc::EACCES) if file.is_some() => {
+                let (fd, kind) = file.unwrap_or_default();
+                Error::FilePrivate {
+                    ioas,
+                    fd,
+                    kind,
+                    span,
+                    source,
+                }
+            }
             Some(libc::EINVAL) if file.is_some() => {
                 let (fd, kind) = file.unwrap_or_default();
                 Error::FileNotPinnable {

@@ -99,10 +99,15 @@ impl Drop for Hwpt {
 pub enum HwInfoType {
     /// The driver reports no hardware info (e.g. virtio-iommu).
     None,
+    /// Intel VT-d (`IOMMU_HW_INFO_TYPE_INTEL_VTD`); [`HwInfo::vtd`] decodes its data.
     IntelVtd,
+    /// Arm SMMUv3.
     ArmSmmuV3,
+    /// NVIDIA Tegra241 CMDQV (an SMMUv3 extension).
     Tegra241Cmdqv,
+    /// AMD-Vi.
     Amd,
+    /// A type this crate does not know (the raw `out_data_type`).
     Other(u32),
 }
 
@@ -122,6 +127,7 @@ impl From<u32> for HwInfoType {
 /// The IOMMU behind a bound device, as `IOMMU_GET_HW_INFO` reports it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HwInfo {
+    /// Which driver answered, and so how to read `data`.
     pub kind: HwInfoType,
     /// The driver-specific struct (e.g. `struct iommu_hw_info_vtd`), raw.
     pub data: Vec<u8>,
@@ -166,7 +172,9 @@ impl HwInfo {
 pub struct VtdInfo {
     /// `IOMMU_HW_INFO_VTD_*` flags (errata).
     pub flags: u32,
+    /// The capability register (`CAP_REG`), raw.
     pub cap_reg: u64,
+    /// The extended capability register (`ECAP_REG`), raw.
     pub ecap_reg: u64,
 }
 

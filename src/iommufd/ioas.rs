@@ -35,14 +35,15 @@ pub struct IovaRanges {
 /// [`AreaRecord::Off`] there is no record and no check: each call is one ioctl.
 ///
 /// ```no_run
+/// use std::os::fd::AsFd;
 /// use std::sync::Arc;
 /// use vfio_gmem::iommufd::{Ioas, Iommufd};
 /// use vfio_gmem::mapper::{Access, Iova};
 /// let ioas = Ioas::new(&Arc::new(Iommufd::open()?))?;
-/// let buf = vec![0u8; 4096];
-/// let iova = ioas.map_user(Iova::Any, buf.as_ptr() as u64, 4096, Access::READ_WRITE)?;
+/// let mem = vfio_gmem::gmem::Memfd::new("guest", 4096)?;
+/// let iova = ioas.map_file(Iova::Any, mem.file().as_fd(), 0, 4096, Access::READ_WRITE)?;
 /// assert_eq!(ioas.unmap(iova, 4096)?, 4096);
-/// # Ok::<(), vfio_gmem::iommufd::Error>(())
+/// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
 pub struct Ioas {
@@ -222,11 +223,23 @@ impl Ioas {
     /// ```no_run
     /// # let ioas: vfio_gmem::iommufd::Ioas = unimplemented!();
     /// use vfio_gmem::mapper::{Access, Iova};
-    /// let ram = vec![0u8; 2 << 20];
-    /// ioas.map_user(Iova::Fixed(0x1_0000_0000), ram.as_ptr() as u64, 2 << 20, Access::READ_WRITE)?;
-    /// # Ok::<(), vfio_gmem::iommufd::Error>(())
+    /// let ram = vfio_gmem::gmem::Memfd::new("ram", 2 << 20)?.mmap()?;
+    /// // SAFETY: `ram` stays mapped (and is used for nothing else) until the unmap below.
+    /// unsafe { ioas.map_user(Iova::Fixed(0x1_0000_0000), ram.addr(), 2 << 20, Access::READ_WRITE)? };
+    /// ioas.unmap(0x1_0000_0000, 2 << 20)?;
+    /// drop(ram);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64> {
+    ///
+    /// # Safety
+    ///
+    /// `[va, va + len)` must be memory of this process that stays allocated to this use,
+    /// and is not handed to anything else (freed, reused by an allocator, or unmapped and
+    /// mapped again), until the range is unmapped or the IOAS destroyed: a device attached
+    /// here may read and write it at any moment, behind the compiler's back. Memory mapped
+    /// from a file for this purpose (e.g. [`MappedMemory`](crate::gmem::MappedMemory))
+    /// kept alive for as long as the mapping is the usual way to meet this.
+    pub unsafe fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64> {
         let mut areas = self.record();
         let mut m: iu::iommu_ioas_map = sys::zeroed();
         m.size = size_of_val(&m) as u32;
@@ -622,14 +635,15 @@ impl DmaMapper for Ioas {
         true
     }
 
-    fn map_user(
+    unsafe fn map_user(
         &self,
         iova: Iova,
         va: u64,
         len: u64,
         access: Access,
     ) -> std::result::Result<u64, MapError> {
-        Ioas::map_user(self, iova, va, len, access).map_err(Into::into)
+        // SAFETY: the trait method's contract is the inherent one's.
+        unsafe { Ioas::map_user(self, iova, va, len, access) }.map_err(Into::into)
     }
 
     fn map_file(

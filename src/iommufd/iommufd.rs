@@ -43,6 +43,10 @@ pub struct Iommufd {
     pub(super) compat_epoch: std::sync::atomic::AtomicU64,
     /// IOASes dropped while a device still used them (emptied, not yet destroyed).
     orphans: std::sync::Mutex<Vec<u32>>,
+    /// Serializes [`Ioas::claim_compat`]'s read-then-set of the compat IOAS.
+    ///
+    /// [`Ioas::claim_compat`]: super::Ioas::claim_compat
+    pub(super) compat_claim: std::sync::Mutex<()>,
 }
 
 impl Iommufd {
@@ -76,6 +80,7 @@ impl Iommufd {
             fd: file.into(),
             compat_epoch: Default::default(),
             orphans: Default::default(),
+            compat_claim: Default::default(),
         })
     }
 
@@ -93,6 +98,7 @@ impl Iommufd {
             fd,
             compat_epoch: Default::default(),
             orphans: Default::default(),
+            compat_claim: Default::default(),
         };
         // Reading a global option is harmless and only an iommufd answers it.
         me.rlimit_mode().map_err(|e| Error::Ioctl {
@@ -200,6 +206,14 @@ impl Iommufd {
             }
         });
         orphans.len()
+    }
+
+    /// True if IOAS `id` was dropped through this library and only waits to be destroyed.
+    pub(super) fn is_orphan(&self, id: u32) -> bool {
+        self.orphans
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id)
     }
 
     /// Records an IOAS that could not be destroyed yet (see [`Iommufd::reap_orphans`]).

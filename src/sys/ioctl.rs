@@ -37,6 +37,30 @@ iommufd_req! {
     IOMMU_VFIO_IOAS = iu::IOMMUFD_CMD_VFIO_IOAS;
     IOMMU_HWPT_ALLOC = iu::IOMMUFD_CMD_HWPT_ALLOC;
     IOMMU_GET_HW_INFO = iu::IOMMUFD_CMD_GET_HW_INFO;
+    IOMMU_IOAS_SPLIT = IOMMUFD_CMD_IOAS_SPLIT;
+}
+
+/// `IOMMUFD_CMD_IOAS_SPLIT` of the project's kernel series (kernel/patches/iommufd-split);
+/// no published binding crate has it. A kernel without the series answers `ENOTTY`.
+pub const IOMMUFD_CMD_IOAS_SPLIT: u32 = 0x96;
+
+/// `struct iommu_ioas_split` (include/uapi/linux/iommufd.h of the series): split the
+/// areas at both ends of `[iova, iova + length)` without changing any translation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct iommu_ioas_split {
+    /// `sizeof(struct iommu_ioas_split)`.
+    pub size: u32,
+    /// Must be 0.
+    pub flags: u32,
+    /// The IOAS.
+    pub ioas_id: u32,
+    /// Must be 0.
+    pub __reserved: u32,
+    /// First IOVA of the range.
+    pub iova: u64,
+    /// Bytes in the range.
+    pub length: u64,
 }
 
 macro_rules! vfio_req {
@@ -60,7 +84,6 @@ vfio_req! {
     VFIO_IOMMU_GET_INFO = 12;
     VFIO_IOMMU_MAP_DMA = 13;
     VFIO_IOMMU_UNMAP_DMA = 14;
-    VFIO_DEVICE_FEATURE = 17;
     VFIO_DEVICE_BIND_IOMMUFD = 18;
     VFIO_DEVICE_ATTACH_IOMMUFD_PT = 19;
     VFIO_DEVICE_DETACH_IOMMUFD_PT = 20;
@@ -93,6 +116,7 @@ uapi_arg!(
     iu::iommu_vfio_ioas,
     iu::iommu_hwpt_alloc,
     iu::iommu_hw_info,
+    iommu_ioas_split,
     vu::vfio_group_status,
     vu::vfio_device_info,
     vu::vfio_region_info,
@@ -183,6 +207,8 @@ mod tests {
         assert_eq!(IOMMU_IOAS_MAP, 0x3b85);
         assert_eq!(IOMMU_IOAS_UNMAP, 0x3b86);
         assert_eq!(IOMMU_IOAS_MAP_FILE, 0x3b8f);
+        assert_eq!(IOMMU_IOAS_SPLIT, 0x3b96);
+        assert_eq!(size_of::<iommu_ioas_split>(), 32);
         assert_eq!(VFIO_GET_API_VERSION, 0x3b64);
         assert_eq!(VFIO_IOMMU_UNMAP_DMA, 0x3b72);
         assert_eq!(VFIO_DEVICE_BIND_IOMMUFD, 0x3b76);

@@ -24,7 +24,9 @@ pub struct Bdf {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("'{input}' is not a PCI address ({why}); expected DDDD:BB:DD.F or BB:DD.F in hex, e.g. 0000:00:03.0")]
 pub struct BdfParseError {
+    /// The text that was parsed.
     pub input: String,
+    /// What is wrong with it.
     pub why: &'static str,
 }
 

@@ -4,6 +4,13 @@
 //! `/run/vfio-gmem/previous-drivers`) *before* the member is touched, so an `unbind` in
 //! another process, or after a crash, can restore it. `/run` is a tmpfs: the file vanishes
 //! on reboot, exactly when the bindings it describes vanish.
+//!
+//! Before anything moves, the rules of [`super::host`] apply: only endpoints move (bridges
+//! stay, a bridge named directly is [`VfioError::NotAssignable`]), and a group member that
+//! backs something live on the host (a mounted filesystem, swap, a stacked block device,
+//! an interface carrying addresses or routes, the console) makes the bind fail with
+//! [`VfioError::HostInUse`], changing nothing, unless forced ([`BindOptions::force`]).
+//! Force never moves the device the root filesystem lives on.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -11,6 +18,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::error::{Result, VfioError};
+use super::host::{decide, HostInspector, HostUse, Inventory, Verdict};
 use super::sysfs::{is_vfio_driver, PciDevice, PciSysfs, BENIGN_DRIVERS, VFIO_PCI};
 use super::Bdf;
 
@@ -21,14 +29,25 @@ pub const DEFAULT_STATE_FILE: &str = "/run/vfio-gmem/previous-drivers";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum MemberAction {
     /// Already bound to vfio-pci (or a variant): nothing to do.
-    AlreadyVfio { bdf: Bdf },
+    AlreadyVfio {
+        /// The member.
+        bdf: Bdf,
+    },
     /// Left alone: a bridge or a driver that does no DMA of its own (pcieport, pci-stub).
-    Leave { bdf: Bdf, driver: Option<String> },
+    Leave {
+        /// The member.
+        bdf: Bdf,
+        /// Its driver, which it keeps (`None`: no driver).
+        driver: Option<String>,
+    },
     /// Moved to vfio-pci; `from` is the driver it leaves and `from_override` its
     /// `driver_override` (both restored by unbind).
     Rebind {
+        /// The member.
         bdf: Bdf,
+        /// The driver it leaves (`None`: it had none).
         from: Option<String>,
+        /// Its `driver_override` before the bind.
         from_override: Option<String>,
     },
 }
@@ -36,20 +55,38 @@ pub enum MemberAction {
 /// The members of one IOMMU group and what `bind` will do with each.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BindPlan {
+    /// The IOMMU group number.
     pub group: u32,
+    /// One action per member, in BDF order.
     pub actions: Vec<MemberAction>,
+    /// What the host uses the members to be moved for. From [`Binder::plan`]: the uses
+    /// that make a bind refuse unless forced; from a forced [`Binder::bind_with`]: the uses
+    /// it overrode. Empty from [`plan_group`], which does not look at the host.
+    pub host_uses: Vec<HostUse>,
+}
+
+/// How [`Binder::bind_with`] treats host uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BindOptions {
+    /// Move members even though the host uses them (mounted filesystems, swap, network
+    /// interfaces carrying traffic, the console): what is overridden comes back in
+    /// [`BindPlan::host_uses`]. Never overrides the root filesystem's device.
+    pub force: bool,
 }
 
 /// What a member had before `bind` moved it: restored by `unbind`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Previous {
+    /// The driver it was bound to (`None`: no driver).
     pub driver: Option<String>,
+    /// Its `driver_override` (`None`: unset).
     pub driver_override: Option<String>,
 }
 
 /// One member given back by `unbind`, and the driver it now has.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Restored {
+    /// The member given back.
     pub bdf: Bdf,
     /// The driver recorded at bind time (`None`: it was unbound, or nothing was recorded).
     pub previous: Option<String>,
@@ -75,6 +112,7 @@ pub struct Binder {
     sysfs: PciSysfs,
     state: PathBuf,
     proc_root: PathBuf,
+    host: HostInspector,
 }
 
 impl Default for Binder {
@@ -98,10 +136,22 @@ impl Binder {
     /// ```
     pub fn with(sysfs: PciSysfs, state: impl Into<PathBuf>) -> Self {
         Binder {
+            host: HostInspector::with_roots(sysfs.sys_root(), "/proc", "/dev"),
             sysfs,
             state: state.into(),
             proc_root: "/proc".into(),
         }
+    }
+
+    /// Reads the host's uses through `host` (fixture trees in tests).
+    pub fn with_host(mut self, host: HostInspector) -> Self {
+        self.host = host;
+        self
+    }
+
+    /// The inspector of host uses this binder consults.
+    pub fn host(&self) -> &HostInspector {
+        &self.host
     }
 
     /// Where previous drivers are recorded.
@@ -118,16 +168,54 @@ impl Binder {
     /// # Ok::<(), vfio_gmem::vfio::VfioError>(())
     /// ```
     pub fn plan(&self, bdf: Bdf) -> Result<BindPlan> {
+        let inv = self
+            .host
+            .inventory()
+            .map_err(|source| VfioError::HostInspection { bdf, source })?;
+        self.plan_with(bdf, &inv)
+    }
+
+    /// [`plan`](Self::plan) against an inventory already read (one read for many devices).
+    pub fn plan_with(&self, bdf: Bdf, inv: &Inventory) -> Result<BindPlan> {
         let dev = self.sysfs.device(bdf)?;
+        if !dev.nature().is_endpoint() {
+            return Err(VfioError::NotAssignable {
+                bdf,
+                nature: dev.nature(),
+            });
+        }
         let group = dev.iommu_group.ok_or(VfioError::NoIommuGroup { bdf })?;
-        plan_group(group, &self.sysfs.group_members(group)?)
+        let mut plan = plan_group(group, &self.sysfs.group_members(group)?)?;
+        plan.host_uses = plan.moved().flat_map(|m| inv.uses(m)).collect();
+        Ok(plan)
     }
 
     /// Binds every member of `bdf`'s IOMMU group to vfio-pci (bridges and benign drivers
-    /// stay). If any member fails, the members already moved go back to their drivers.
+    /// stay). Refuses, changing nothing, if the host uses a member it would move (see
+    /// [`bind_with`](Self::bind_with) to force). If any member fails to move, the members
+    /// already moved go back to their drivers.
     pub fn bind(&self, bdf: Bdf) -> Result<BindPlan> {
+        self.bind_with(bdf, BindOptions::default())
+    }
+
+    /// [`bind`](Self::bind) with options: `force` overrides every host use except the root
+    /// filesystem's device; the plan returned lists what was overridden.
+    ///
+    /// ```no_run
+    /// use vfio_gmem::vfio::{BindOptions, Binder, VfioError};
+    /// match Binder::new().bind_with("0000:00:05.0".parse()?, BindOptions { force: false }) {
+    ///     Err(VfioError::HostInUse { uses, forceable, .. }) => {
+    ///         for u in uses { eprintln!("in use: {u}"); }
+    ///         eprintln!("forceable: {forceable}");
+    ///     }
+    ///     other => { other?; }
+    /// }
+    /// # Ok::<(), VfioError>(())
+    /// ```
+    pub fn bind_with(&self, bdf: Bdf, opts: BindOptions) -> Result<BindPlan> {
         let _lock = StateLock::take(&self.state)?;
-        let plan = self.plan(bdf)?;
+        let mut plan = self.plan(bdf)?;
+        plan.host_uses = check_host_uses(bdf, &plan, opts)?;
         let ops = SysfsOps(&self.sysfs);
         let mut state = StateFile::load(&self.state)?;
         apply_bind(&ops, &plan, &mut state)?;
@@ -208,8 +296,34 @@ impl Binder {
     }
 }
 
-/// Decides what `bind` does with each member. Fails if a member that bind will not move
-/// (a bridge) is bound to a driver that keeps the group non-viable.
+/// The host-use rule on a plan: `Ok` with the uses overridden (empty when there are none),
+/// or [`VfioError::HostInUse`].
+pub fn check_host_uses(bdf: Bdf, plan: &BindPlan, opts: BindOptions) -> Result<Vec<HostUse>> {
+    match decide(plan.host_uses.clone(), opts.force) {
+        Verdict::Clear => Ok(Vec::new()),
+        Verdict::Overridden(uses) => Ok(uses),
+        Verdict::Refused { uses, forceable } => Err(VfioError::HostInUse {
+            bdf,
+            group: plan.group,
+            uses,
+            forceable,
+        }),
+    }
+}
+
+impl BindPlan {
+    /// The members this plan moves to vfio-pci.
+    pub fn moved(&self) -> impl Iterator<Item = Bdf> + '_ {
+        self.actions.iter().filter_map(|a| match a {
+            MemberAction::Rebind { bdf, .. } => Some(*bdf),
+            _ => None,
+        })
+    }
+}
+
+/// Decides what `bind` does with each member. Only endpoints move: bridges (host, ISA/LPC,
+/// PCI-to-PCI, root ports) stay, and fail the plan if bound to a driver that keeps the
+/// group non-viable. Does not look at host uses ([`Binder::plan`] does).
 pub fn plan_group(group: u32, members: &[PciDevice]) -> Result<BindPlan> {
     let mut actions = Vec::new();
     for m in members {
@@ -217,10 +331,10 @@ pub fn plan_group(group: u32, members: &[PciDevice]) -> Result<BindPlan> {
         let action = match driver.as_deref() {
             Some(d) if is_vfio_driver(d) => MemberAction::AlreadyVfio { bdf: m.bdf },
             Some(d) if BENIGN_DRIVERS.contains(&d) => MemberAction::Leave { bdf: m.bdf, driver },
-            _ if m.is_bridge() => match driver {
+            _ if !m.nature().is_endpoint() => match driver {
                 None => MemberAction::Leave { bdf: m.bdf, driver },
                 Some(d) => {
-                    return Err(VfioError::GroupNotViable {
+                    return Err(VfioError::BridgeKeepsGroup {
                         group,
                         member: m.bdf,
                         driver: d,
@@ -235,7 +349,11 @@ pub fn plan_group(group: u32, members: &[PciDevice]) -> Result<BindPlan> {
         };
         actions.push(action);
     }
-    Ok(BindPlan { group, actions })
+    Ok(BindPlan {
+        group,
+        actions,
+        host_uses: Vec::new(),
+    })
 }
 
 /// Kernel driver-model operations on one device. The real implementation writes sysfs;

@@ -26,8 +26,13 @@ const PCI_COMMAND_MASTER: u16 = 1 << 2;
 /// What VFIO_DEVICE_GET_INFO reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DeviceInfo {
+    /// `VFIO_DEVICE_FLAGS_*` (PCI, reset support, ...); see [`DeviceInfo::is_pci`] and
+    /// [`DeviceInfo::can_reset`].
     pub flags: u32,
+    /// Number of regions (for vfio-pci: BAR0-5, ROM, config space, then device-specific
+    /// ones).
     pub num_regions: u32,
+    /// Number of IRQ indexes (INTx, MSI, MSI-X, ERR, REQ for vfio-pci).
     pub num_irqs: u32,
 }
 

@@ -11,8 +11,11 @@ use crate::sys::vfio_uapi as vu;
 /// A PCI interrupt type, i.e. a VFIO IRQ index of a vfio-pci device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IrqKind {
+    /// Legacy line interrupt (`VFIO_PCI_INTX_IRQ_INDEX`), level-triggered, one vector.
     Intx,
+    /// MSI (`VFIO_PCI_MSI_IRQ_INDEX`).
     Msi,
+    /// MSI-X (`VFIO_PCI_MSIX_IRQ_INDEX`).
     Msix,
     /// AER error notification.
     Err,
@@ -41,7 +44,9 @@ impl IrqKind {
 /// What a device offers for one IRQ index.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IrqInfo {
+    /// The VFIO IRQ index ([`IrqKind::index`]).
     pub index: u32,
+    /// `VFIO_IRQ_INFO_*` flags: see [`IrqInfo::eventfd`] and [`IrqInfo::automasked`].
     pub flags: u32,
     /// Number of vectors (0: the device does not have this interrupt type).
     pub count: u32,

@@ -36,12 +36,13 @@ fn open_node(path: &Path, hint_for: impl Fn(i32) -> &'static str) -> Result<File
 /// ```no_run
 /// use vfio_gmem::mapper::{Access, DmaMapper, Iova};
 /// use vfio_gmem::vfio::{Container, Group};
+/// let ram = vfio_gmem::gmem::Memfd::new("guest", 4096)?.mmap()?;
 /// let container = Container::open()?;
 /// let group = Group::open(3)?;
 /// container.add_group(&group)?;
 /// let dev = group.device("0000:00:03.0".parse()?)?;
-/// # let (va, len) = (0u64, 4096u64);
-/// container.map_user(Iova::Fixed(0x1_0000_0000), va, len, Access::READ_WRITE)?;
+/// // SAFETY: `ram` stays mapped until the container is gone (declared first, dropped last).
+/// unsafe { container.map_user(Iova::Fixed(0x1_0000_0000), ram.addr(), 4096, Access::READ_WRITE)? };
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 #[derive(Debug)]
@@ -85,6 +86,34 @@ impl Container {
         Ok(c)
     }
 
+    /// Takes a container fd another process opened, e.g. one received from
+    /// `vfio-gmem helper` ([`crate::handoff`]), with its groups already in it. Checks the
+    /// API version; the IOMMU counts as set if `VFIO_IOMMU_GET_INFO` answers.
+    ///
+    /// ```no_run
+    /// use std::os::fd::OwnedFd;
+    /// # fn from_helper() -> OwnedFd { unimplemented!() }
+    /// let container = vfio_gmem::vfio::Container::from_fd(from_helper())?;
+    /// # Ok::<(), vfio_gmem::vfio::VfioError>(())
+    /// ```
+    pub fn from_fd(fd: std::os::fd::OwnedFd) -> Result<Container> {
+        let c = Container {
+            file: File::from(fd),
+            iommu_set: AtomicBool::new(false),
+        };
+        let v = c.api_version()?;
+        if v != vu::VFIO_API_VERSION as i32 {
+            return Err(VfioError::Unsupported(format!(
+                "VFIO API version {v}, expected {}",
+                vu::VFIO_API_VERSION
+            )));
+        }
+        if c.iova_pgsizes().is_ok() {
+            c.iommu_set.store(true, Ordering::Release);
+        }
+        Ok(c)
+    }
+
     /// VFIO_GET_API_VERSION.
     pub fn api_version(&self) -> Result<i32> {
         sys::ioctl_val(self.file.as_fd(), sys::VFIO_GET_API_VERSION, 0)
@@ -94,7 +123,7 @@ impl Container {
     /// VFIO_CHECK_EXTENSION, e.g. `VFIO_TYPE1v2_IOMMU`, `VFIO_UNMAP_ALL`.
     ///
     /// ```no_run
-    /// use vfio_gmem::sys::vfio_uapi::VFIO_UNMAP_ALL;
+    /// use vfio_bindings::bindings::vfio::VFIO_UNMAP_ALL; // the uAPI constants
     /// let c = vfio_gmem::vfio::Container::open()?;
     /// println!("unmap-all: {}", c.check_extension(VFIO_UNMAP_ALL)?);
     /// # Ok::<(), vfio_gmem::vfio::VfioError>(())
@@ -184,7 +213,13 @@ impl DmaMapper for Container {
         false
     }
 
-    fn map_user(&self, iova: Iova, va: u64, len: u64, access: Access) -> Result<u64, MapError> {
+    unsafe fn map_user(
+        &self,
+        iova: Iova,
+        va: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<u64, MapError> {
         let Iova::Fixed(iova) = iova else {
             return Err(MapError::AnyIovaUnsupported {
                 backend: Backend::LegacyType1,
@@ -285,6 +320,18 @@ impl Group {
                 )),
             });
         }
+        Ok(g)
+    }
+
+    /// Takes the fd of group `id` another process opened (e.g. received from
+    /// `vfio-gmem helper`, [`crate::handoff`]); checks that it answers
+    /// `VFIO_GROUP_GET_STATUS`.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, id: u32) -> Result<Group> {
+        let g = Group {
+            file: File::from(fd),
+            id,
+        };
+        g.status()?;
         Ok(g)
     }
 

@@ -10,7 +10,9 @@ use crate::sys::vfio_uapi as vu;
 /// One mmap-able window of a region (offsets relative to the region start).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SparseArea {
+    /// Offset from the start of the region.
     pub offset: u64,
+    /// Length in bytes.
     pub size: u64,
 }
 
@@ -20,21 +22,35 @@ pub enum RegionCap {
     /// Only these areas may be mmap'd (e.g. a BAR holding the MSI-X table).
     SparseMmap(Vec<SparseArea>),
     /// Device-specific region type.
-    Type { ty: u32, subtype: u32 },
+    Type {
+        /// `VFIO_REGION_TYPE_*`.
+        ty: u32,
+        /// The type's subtype.
+        subtype: u32,
+    },
     /// The MSI-X table in this BAR may be mmap'd.
     MsixMappable,
     /// A capability this crate does not decode.
-    Other { id: u16, version: u16 },
+    Other {
+        /// Capability id.
+        id: u16,
+        /// Capability version.
+        version: u16,
+    },
 }
 
 /// What VFIO_DEVICE_GET_REGION_INFO reports for one region.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegionInfo {
+    /// The region index (`VFIO_PCI_BAR0_REGION_INDEX`... for vfio-pci).
     pub index: u32,
+    /// `VFIO_REGION_INFO_FLAG_*`: readable, writable, mmap-able, has capabilities.
     pub flags: u32,
+    /// Size in bytes (0: the device does not implement this region).
     pub size: u64,
     /// Offset of the region in the device fd (for pread/pwrite/mmap).
     pub offset: u64,
+    /// The capability chain, decoded.
     pub caps: Vec<RegionCap>,
 }
 
@@ -133,9 +149,11 @@ pub fn parse_region_caps(buf: &[u8], first: u32) -> Vec<RegionCap> {
 /// A BAR mapped into this process: the whole BAR, or only its sparse-mmap areas (the rest
 /// of the range stays reserved and inaccessible). Unmapped on drop.
 ///
-/// Accessors panic, like slice indexing, on an offset that is misaligned or not inside a
-/// mapped area: that is a driver bug, not a runtime condition. Use
-/// [`Device::region_read`](super::Device::region_read) for registers outside the areas.
+/// `read_*`/`write_*` panic, like slice indexing, on an offset that is misaligned or not
+/// inside a mapped area (a driver bug); `try_read_*`/`try_write_*` return
+/// [`VfioError::BarAccess`](super::VfioError::BarAccess) instead, for offsets that come
+/// from outside. Use [`Device::region_read`](super::Device::region_read) for registers
+/// outside the areas.
 ///
 /// ```no_run
 /// use vfio_gmem::vfio::Device;
@@ -212,12 +230,50 @@ impl BarMapping {
             .any(|a| o >= a.offset && o + s <= a.offset + a.size)
     }
 
+    fn checked(&self, offset: usize, size: usize) -> Result<(), super::VfioError> {
+        if offset % size == 0 && self.is_mapped(offset, size) {
+            Ok(())
+        } else {
+            Err(super::VfioError::BarAccess {
+                offset,
+                size,
+                areas: self
+                    .areas
+                    .iter()
+                    .map(|a| format!("[{:#x}, {:#x})", a.offset, a.offset + a.size))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            })
+        }
+    }
+
     fn check(&self, offset: usize, size: usize) {
-        assert!(
-            offset % size == 0 && self.is_mapped(offset, size),
-            "BAR access of {size} bytes at {offset:#x} is misaligned or outside the mapped areas {:?}",
-            self.areas
-        );
+        if let Err(e) = self.checked(offset, size) {
+            panic!("{e}");
+        }
+    }
+
+    /// Volatile 32-bit read at `offset`, or an error for a bad offset.
+    pub fn try_read_u32(&self, offset: usize) -> Result<u32, super::VfioError> {
+        self.checked(offset, 4)?;
+        Ok(mmio::read::<u32>(self.base, offset))
+    }
+    /// Volatile 32-bit write at `offset`, or an error for a bad offset.
+    pub fn try_write_u32(&self, offset: usize, value: u32) -> Result<(), super::VfioError> {
+        self.checked(offset, 4)?;
+        mmio::write::<u32>(self.base, offset, value);
+        Ok(())
+    }
+    /// Volatile 64-bit read at `offset`, or an error for a bad offset.
+    pub fn try_read_u64(&self, offset: usize) -> Result<u64, super::VfioError> {
+        self.checked(offset, 8)?;
+        Ok(mmio::read::<u64>(self.base, offset))
+    }
+    /// Volatile 64-bit write at `offset`, or an error for a bad offset.
+    pub fn try_write_u64(&self, offset: usize, value: u64) -> Result<(), super::VfioError> {
+        self.checked(offset, 8)?;
+        mmio::write::<u64>(self.base, offset, value);
+        Ok(())
     }
 
     /// Volatile 32-bit read at `offset`.
@@ -445,6 +501,9 @@ mod tests {
         assert!(!m.is_mapped(0x1000, 4));
         assert!(std::panic::catch_unwind(|| m.read_u32(0x1000)).is_err());
         assert!(std::panic::catch_unwind(|| m.read_u32(0x2002)).is_err());
+        let e = m.try_read_u32(0x1000).unwrap_err().to_string();
+        assert!(e.contains("at 0x1000") && e.contains("region_read"), "{e}");
+        assert!(m.try_write_u64(0x2004, 1).is_err());
         let bad = vec![SparseArea {
             offset: 0x3000,
             size: 0x2000,

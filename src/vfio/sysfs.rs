@@ -9,6 +9,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use super::error::{Result, VfioError};
+use super::host::Nature;
 use super::Bdf;
 
 /// Drivers that may own a group member without making the group unusable for VFIO: they
@@ -54,8 +55,11 @@ impl Default for PciSysfs {
 /// What sysfs says about one PCI device.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PciDevice {
+    /// Its PCI address.
     pub bdf: Bdf,
+    /// PCI vendor id.
     pub vendor: u16,
+    /// PCI device id.
     pub device: u16,
     /// 24-bit class code (base class, subclass, prog-if).
     pub class: u32,
@@ -63,6 +67,7 @@ pub struct PciDevice {
     pub driver: Option<String>,
     /// `driver_override`, if set.
     pub driver_override: Option<String>,
+    /// Its IOMMU group number; `None` without an IOMMU.
     pub iommu_group: Option<u32>,
     /// `/dev/vfio/devices/vfioN` when bound to a VFIO driver on a cdev-capable kernel.
     pub vfio_cdev: Option<PathBuf>,
@@ -84,15 +89,22 @@ impl PciDevice {
     pub fn is_bridge(&self) -> bool {
         self.class >> 8 == 0x0604
     }
+    /// What the device is by nature; only endpoints are ever moved to vfio-pci.
+    pub fn nature(&self) -> Nature {
+        Nature::of_class(self.class)
+    }
 }
 
 /// Whether an IOMMU group can be used by VFIO as it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Viability {
+    /// No member is bound to a driver that does its own DMA: VFIO accepts the group.
     Viable,
     /// The first member (in BDF order) bound to a driver that does its own DMA.
     NotViable {
+        /// The member.
         member: Bdf,
+        /// Its driver.
         driver: String,
     },
 }
@@ -100,31 +112,57 @@ pub enum Viability {
 /// Whether a device can be opened through VFIO now, and how.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Readiness {
+    /// The device can be opened now.
     Ready {
+        /// Its IOMMU group.
         group: u32,
         /// The cdev node, if the kernel has VFIO cdev support.
         cdev: Option<PathBuf>,
         /// The legacy group node `/dev/vfio/<group>`, if present.
         group_node: Option<PathBuf>,
     },
+    /// Why it cannot be opened now.
     NotReady(NotReady),
 }
 
 /// Why a device is not ready to assign.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum NotReady {
+    /// The device is not an endpoint VFIO can assign.
+    #[error("{bdf} is {}: not assignable by nature; it stays with the host", .nature.with_article())]
+    NotAssignable {
+        /// The device.
+        bdf: Bdf,
+        /// What it is.
+        nature: Nature,
+    },
+    /// The device has no IOMMU group.
     #[error("no IOMMU group (IOMMU off or absent: boot with intel_iommu=on / amd_iommu=on)")]
     NoIommuGroup,
+    /// The device is not bound to vfio-pci.
     #[error("{}; run `vfio-gmem bind {bdf}`", match .driver { Some(d) => format!("bound to {d}, not vfio-pci"), None => "not bound to any driver".to_string() })]
-    NotBound { bdf: Bdf, driver: Option<String> },
+    NotBound {
+        /// The device.
+        bdf: Bdf,
+        /// Its driver now (`None`: unbound).
+        driver: Option<String>,
+    },
+    /// A member of its group is bound to a driver that does its own DMA.
     #[error("IOMMU group {group} is not viable: member {member} is bound to {driver}; run `vfio-gmem bind {member}` or unbind it")]
     GroupNotViable {
+        /// The IOMMU group.
         group: u32,
+        /// The member.
         member: Bdf,
+        /// Its driver.
         driver: String,
     },
+    /// Bound to vfio-pci, but the kernel offers no VFIO node for it.
     #[error("bound to vfio-pci but neither /dev/vfio/devices/vfioN nor /dev/vfio/{group} exists (kernel without VFIO cdev and group support?)")]
-    NoVfioNode { group: u32 },
+    NoVfioNode {
+        /// The IOMMU group.
+        group: u32,
+    },
 }
 
 impl PciSysfs {
@@ -219,10 +257,14 @@ impl PciSysfs {
         })
     }
 
+    /// The VFIO cdev of a device: `vfio-dev/vfioN` with a device number (`dev`). Kernels
+    /// without `CONFIG_VFIO_DEVICE_CDEV` (Debian's) register `vfioN` too, with no `dev` and
+    /// no node in /dev.
     fn cdev_of(&self, dir: &Path) -> Option<PathBuf> {
         let rd = fs::read_dir(dir.join("vfio-dev")).ok()?;
         let mut names: Vec<String> = rd
             .flatten()
+            .filter(|e| e.path().join("dev").exists())
             .filter_map(|e| e.file_name().to_str().map(str::to_string))
             .filter(|n| n.starts_with("vfio"))
             .collect();
@@ -271,6 +313,12 @@ impl PciSysfs {
     /// ```
     pub fn readiness(&self, bdf: Bdf) -> Result<Readiness> {
         let dev = self.device(bdf)?;
+        if !dev.nature().is_endpoint() {
+            return Ok(Readiness::NotReady(NotReady::NotAssignable {
+                bdf,
+                nature: dev.nature(),
+            }));
+        }
         let Some(group) = dev.iommu_group else {
             return Ok(Readiness::NotReady(NotReady::NoIommuGroup));
         };
@@ -378,6 +426,11 @@ mod tests {
         );
         assert!(devs[2].is_bridge());
         assert_eq!(devs[3].iommu_group, None);
+        // Without CONFIG_VFIO_DEVICE_CDEV: bound to vfio-pci, no cdev.
+        f.remove_cdev_number("0000:00:03.0");
+        let edu = f.sysfs().device("0000:00:03.0".parse().unwrap()).unwrap();
+        assert!(edu.is_vfio_bound());
+        assert_eq!(edu.vfio_cdev, None);
     }
 
     #[test]
@@ -445,7 +498,21 @@ mod tests {
             why.to_string().contains("0000:01:00.0 is bound to e1000e"),
             "{why}"
         );
+        // The LPC bridge is not assignable by nature; the message suggests no bind.
         let r = s.readiness(bdf("0000:00:1f.0")).unwrap();
+        assert_eq!(
+            r,
+            Readiness::NotReady(NotReady::NotAssignable {
+                bdf: bdf("0000:00:1f.0"),
+                nature: Nature::IsaBridge
+            })
+        );
+        let Readiness::NotReady(why) = r else {
+            unreachable!()
+        };
+        assert!(!why.to_string().contains("vfio-gmem bind"), "{why}");
+        f.add("0000:02:00.0", 0x8086, 0x10d3, 0x020000, None);
+        let r = s.readiness(bdf("0000:02:00.0")).unwrap();
         assert_eq!(r, Readiness::NotReady(NotReady::NoIommuGroup));
         // vfio-bound, viable, but no node at all.
         f.set_driver("0000:00:04.0", Some("vfio-pci"), None);

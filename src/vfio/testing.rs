@@ -67,7 +67,19 @@ impl FakeSysfs {
             symlink(&ddir, real.join("driver")).unwrap();
         }
         if let Some(n) = vfio_index {
-            fs::create_dir_all(real.join("vfio-dev").join(format!("vfio{n}"))).unwrap();
+            let node = real.join("vfio-dev").join(format!("vfio{n}"));
+            fs::create_dir_all(&node).unwrap();
+            // The device number: present only on kernels with CONFIG_VFIO_DEVICE_CDEV.
+            fs::write(node.join("dev"), format!("511:{n}\n")).unwrap();
+        }
+    }
+
+    /// As a kernel without `CONFIG_VFIO_DEVICE_CDEV` (Debian's) shows a vfio-pci device:
+    /// `vfio-dev/vfioN` is registered, without a device number.
+    pub fn remove_cdev_number(&self, bdf: &str) {
+        let real = self.sys().join("devices/pci0000:00").join(bdf);
+        for e in fs::read_dir(real.join("vfio-dev")).unwrap().flatten() {
+            let _ = fs::remove_file(e.path().join("dev"));
         }
     }
 

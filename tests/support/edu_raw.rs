@@ -8,7 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::ptr::NonNull;
 
-use vfio_gmem::sys::{self, iommufd_uapi as iu, vfio_uapi as vu};
+use super::raw::{self as sys, iommufd_uapi as iu, vfio_uapi as vu};
 
 pub const EDU_BUF: u64 = 0x40000;
 const REG_ID: usize = 0x00;

@@ -13,7 +13,7 @@ use std::io;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 
-use vfio_gmem::sys::{self, iommufd_uapi as iu};
+use super::raw::{self as sys, iommufd_uapi as iu};
 
 const PAGE: u64 = 4096;
 

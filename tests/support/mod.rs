@@ -1,16 +1,17 @@
-//! Test support shared by the VM test targets: the VM gate, PCI helpers for the guest and
-//! DMA engines (device drivers used only by tests).
+//! Test support shared by the VM test targets: the VM gate, PCI helpers for the guest, and
+//! the raw oracle (`raw`, `edu_raw`). The DMA engines the tests drive devices with are the
+//! library's (`vfio_gmem::engine`).
 
 #![allow(dead_code)]
 
-pub mod dma_engine;
-pub mod edu;
 pub mod edu_raw;
 pub mod fail_nth;
 pub mod kernel_areas;
 pub mod kmsg;
 pub mod kvm_attrs;
+pub mod needs;
 pub mod pci;
+pub mod raw;
 pub mod space;
 
 use libtest_mimic::{Arguments, Failed, Trial};
@@ -35,7 +36,17 @@ pub fn run_vm_tests(tests: &[(&'static str, TestFn)]) -> ! {
 
 /// [`run_vm_tests`] that returns the conclusion instead of exiting, for targets that
 /// print a summary of their own afterwards.
+///
+/// In the VM, a test whose need (declared with [`needs::declare`]) this kernel lacks is
+/// reported ignored with a `skipped: NAME: REASON` line: never run, never a pass.
 pub fn run_vm_trials(tests: &[(&'static str, TestFn)]) -> libtest_mimic::Conclusion {
+    let needs = needs::declared();
+    for (name, _) in needs {
+        assert!(
+            *name == "*" || tests.iter().any(|(t, _)| t == name),
+            "support::needs declares '{name}', which is not a test of this target"
+        );
+    }
     let mut args = Arguments::from_args();
     let vm = in_vm();
     if !vm {
@@ -48,7 +59,18 @@ pub fn run_vm_trials(tests: &[(&'static str, TestFn)]) -> libtest_mimic::Conclus
     }
     let trials = tests
         .iter()
-        .map(|&(name, f)| Trial::test(name, f).with_ignored_flag(!vm))
+        .map(|&(name, f)| {
+            let skip = vm.then(|| needs::skip_reason(name, needs)).flatten();
+            let selected = match &args.filter {
+                Some(f) if args.exact => name == f,
+                Some(f) => name.contains(f.as_str()),
+                None => true,
+            };
+            if let (Some(why), true) = (&skip, selected) {
+                eprintln!("skipped: {name}: {why}");
+            }
+            Trial::test(name, f).with_ignored_flag(!vm || skip.is_some())
+        })
         .collect();
     libtest_mimic::run(&args, trials)
 }
@@ -72,4 +94,12 @@ macro_rules! check {
             return Err(libtest_mimic::Failed::from(format!($($fmt)+)));
         }
     };
+}
+
+/// Whether the running kernel is the project's patched one (`scripts/build-kernel
+/// --patched`: kernel/patches, release suffix `-vfio-gmem-patched`), which maps
+/// guest_memfd by fd+offset and revokes such mappings. Tests assert each kernel's path.
+pub fn patched_kernel() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .is_ok_and(|r| r.contains("-vfio-gmem-patched"))
 }

@@ -4,16 +4,16 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
+use super::raw::{self as sys, iommufd_uapi as iu};
 use libtest_mimic::Failed;
 use vfio_gmem::dma::{DmaSpace, GuestRegion, PageState, SharedMemory, SpaceOptions};
 use vfio_gmem::gmem::{GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType};
 use vfio_gmem::iommufd::Iommufd;
-use vfio_gmem::sys::{self, iommufd_uapi as iu};
 use vfio_gmem::vfio::Device;
 
-use super::dma_engine::DmaEngine;
-use super::edu::Edu;
 use super::{pci, OrFail};
+use vfio_gmem::engine::edu::Edu;
+use vfio_gmem::engine::DmaEngine;
 
 pub const PAGE: u64 = 4096;
 pub const GPA: u64 = 0x1_0000_0000;

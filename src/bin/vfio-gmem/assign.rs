@@ -1,6 +1,6 @@
 //! `vfio-gmem assign BDF... --memory SIZE`: creates guest memory, assigns the devices to
 //! one DMA space, prints the memory map, then applies conversion commands read from stdin
-//! (`vfio_gmem::control`), one answer per command. Ends on end of input, `quit`, SIGINT
+//! (`crate::control`), one answer per command. Ends on end of input, `quit`, SIGINT
 //! or SIGTERM, tearing everything down.
 
 use std::io::{BufRead, Write};
@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::Duration;
 
+use crate::control::{Command, HELP};
 use serde::Serialize;
 use serde_json::json;
-use vfio_gmem::control::{Command, HELP};
 use vfio_gmem::dma::{CutSupport, DmaSpace, PageState, RegionReport, Stats};
 
 use crate::errors::require_root;
@@ -77,11 +77,11 @@ pub fn render_map(regions: &[RegionReport]) -> String {
     ]);
     for r in regions {
         t.row([
-            r.id.to_string(),
+            r.id.0.to_string(),
             range(r.gpa, r.len),
             format!("{:#x}", r.iova),
             human_bytes(r.len),
-            r.strategy.clone(),
+            r.strategy.to_string(),
             human_bytes(r.shared_bytes),
             human_bytes(r.private_bytes),
             r.areas.to_string(),
@@ -120,8 +120,16 @@ pub fn answer(space: &mut DmaSpace, cmd: &Command) -> Answer {
                 t.unmaps,
                 t.attribute_changes
             );
+            // Areas the kernel took away behind our back (patched kernels revoke a
+            // guest_memfd mapping before the file loses pages): reported, never hidden.
+            let revoked = space.revoked().map_err(|e| e.to_string())?;
+            let mut text = text;
+            for r in &revoked {
+                text.push_str(&format!("\nrevoked: {r}"));
+            }
             let j = json!({"ok": true, "command": "status", "shared_bytes": shared,
-                           "private_bytes": private, "areas": space.area_count(), "totals": t});
+                           "private_bytes": private, "areas": space.area_count(), "totals": t,
+                           "revoked": revoked});
             Ok((text, j))
         }
         Command::Map => {
@@ -303,8 +311,15 @@ pub fn run(args: &AssignArgs, json: bool) -> anyhow::Result<()> {
                 None => "not convertible".into(),
             }
         )?;
+        if let Some(note) = &mem.note {
+            writeln!(out, "note: {note}")?;
+        }
         let cut = match session.space.cut_support() {
-            CutSupport::Verified => "verified with the device attached".to_string(),
+            CutSupport::Verified => "compat cut, verified with the device attached".to_string(),
+            CutSupport::NativeSplit { huge_pages, why } => format!(
+                "native split, verified with the device attached, huge pages {} ({why})",
+                if *huge_pages { "on" } else { "off" }
+            ),
             CutSupport::Unavailable(why) => format!("unavailable ({why}); per-granule areas"),
             CutSupport::NotProbed => "not probed".to_string(),
         };

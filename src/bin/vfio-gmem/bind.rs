@@ -1,11 +1,14 @@
-//! `vfio-gmem bind BDF...` / `unbind BDF...`: whole IOMMU groups to vfio-pci and back,
-//! through the library's [`Binder`] (which records previous drivers for unbind).
+//! `vfio-gmem bind [--force] BDF...` / `unbind BDF...`: whole IOMMU groups to vfio-pci
+//! and back, through the library's [`Binder`] (which records previous drivers for unbind
+//! and refuses devices the host uses; `--force` overrides all but the root filesystem's).
 
 use std::collections::BTreeSet;
 
 use anyhow::Context;
 use serde::Serialize;
-use vfio_gmem::vfio::{Bdf, BindPlan, Binder, MemberAction, PciSysfs};
+use vfio_gmem::vfio::bind::check_host_uses;
+use vfio_gmem::vfio::host::HostUse;
+use vfio_gmem::vfio::{Bdf, BindOptions, BindPlan, Binder, MemberAction, PciSysfs, VfioError};
 
 use crate::errors::require_root;
 use crate::table::Table;
@@ -19,27 +22,43 @@ pub struct MemberRow {
     /// The driver before (bind) or the recorded previous driver (unbind).
     pub before: Option<String>,
     pub now: Option<String>,
+    /// Host uses of this member that `--force` overrode (bind only).
+    pub overridden: Vec<HostUse>,
 }
 
-/// Checks every device and plans every group before touching anything. Refuses when a
-/// group member that is not named on the command line is bound to a host driver: bind
+/// Checks every device and plans every group before touching anything. Refuses a bridge
+/// (never assignable), a group whose members the host uses (mounts, swap, interfaces
+/// carrying traffic, the console; `force` overrides all but the root filesystem's device),
+/// and a group member not named on the command line that is bound to a host driver: bind
 /// moves whole groups, and taking a device from its driver silently is never right.
 pub fn plan_all(
     sysfs: &PciSysfs,
     binder: &Binder,
     devices: &[Bdf],
+    opts: BindOptions,
 ) -> anyhow::Result<Vec<(Bdf, BindPlan)>> {
     let named: BTreeSet<Bdf> = devices.iter().copied().collect();
     let mut seen = BTreeSet::new();
     let mut plans = Vec::new();
     for &bdf in devices {
         sysfs.device(bdf)?;
+    }
+    let inv = binder
+        .host()
+        .inventory()
+        .map_err(|source| VfioError::HostInspection {
+            bdf: devices[0],
+            source,
+        })
+        .context("cannot bind")?;
+    for &bdf in devices {
         let plan = binder
-            .plan(bdf)
+            .plan_with(bdf, &inv)
             .with_context(|| format!("cannot bind {bdf}"))?;
         if !seen.insert(plan.group) {
             continue;
         }
+        check_host_uses(bdf, &plan, opts)?;
         let others: Vec<(Bdf, String)> = plan
             .actions
             .iter()
@@ -78,15 +97,23 @@ pub fn bind_with(
     sysfs: &PciSysfs,
     binder: &Binder,
     devices: &[Bdf],
+    opts: BindOptions,
 ) -> anyhow::Result<Vec<MemberRow>> {
-    let plans = plan_all(sysfs, binder, devices)?;
+    let plans = plan_all(sysfs, binder, devices, opts)?;
     let mut rows = Vec::new();
     for (bdf, plan) in plans {
-        binder.bind(bdf).with_context(|| {
-            format!(
-                "binding IOMMU group {} (of {bdf}) to vfio-pci failed; members already moved were given back",
-                plan.group
-            )
+        // The binder checks the host again under its lock: what it overrides is final.
+        let done = binder.bind_with(bdf, opts).map_err(|e| {
+            let refused = matches!(e, VfioError::HostInUse { .. });
+            let e = anyhow::Error::from(e);
+            if refused {
+                e
+            } else {
+                e.context(format!(
+                    "binding IOMMU group {} (of {bdf}) to vfio-pci failed; members already moved were given back",
+                    plan.group
+                ))
+            }
         })?;
         for a in &plan.actions {
             let (m, action, before) = match a {
@@ -101,6 +128,12 @@ pub fn bind_with(
                 action,
                 before,
                 now,
+                overridden: done
+                    .host_uses
+                    .iter()
+                    .filter(|u| u.device == m)
+                    .cloned()
+                    .collect(),
             });
         }
     }
@@ -129,6 +162,7 @@ pub fn unbind_with(
                 action: "nothing-to-do",
                 before: None,
                 now: sysfs.device(bdf)?.driver,
+                overridden: Vec::new(),
             });
         }
         for r in restored {
@@ -138,6 +172,7 @@ pub fn unbind_with(
                 action: "restored",
                 before: r.previous,
                 now: r.now,
+                overridden: Vec::new(),
             });
         }
     }
@@ -174,9 +209,17 @@ fn print(rows: &[MemberRow], unbind: bool, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_bind(devices: &[Bdf], json: bool) -> anyhow::Result<()> {
+pub fn run_bind(devices: &[Bdf], force: bool, json: bool) -> anyhow::Result<()> {
     require_root("bind", "it changes driver bindings in sysfs")?;
-    let rows = bind_with(&PciSysfs::new(), &Binder::new(), devices)?;
+    let rows = bind_with(
+        &PciSysfs::new(),
+        &Binder::new(),
+        devices,
+        BindOptions { force },
+    )?;
+    for u in rows.iter().flat_map(|r| &r.overridden) {
+        eprintln!("vfio-gmem: warning: --force overrode a host use: {u}");
+    }
     print(&rows, false, json)
 }
 
@@ -247,12 +290,14 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const NO: BindOptions = BindOptions { force: false };
+
     #[test]
     fn refuses_a_group_whose_other_member_has_a_driver() {
         let f = Fake::new("sibling");
         f.device("0000:01:00.0", 0x020000, 7, Some("e1000e"));
         f.device("0000:01:00.1", 0x040300, 7, None);
-        let e = plan_all(&f.sysfs(), &f.binder(), &[bdf("0000:01:00.1")])
+        let e = plan_all(&f.sysfs(), &f.binder(), &[bdf("0000:01:00.1")], NO)
             .unwrap_err()
             .to_string();
         assert!(e.contains("IOMMU group 7"), "{e}");
@@ -266,6 +311,7 @@ mod tests {
             &f.sysfs(),
             &f.binder(),
             &[bdf("0000:01:00.1"), bdf("0000:01:00.0")],
+            NO,
         )
         .unwrap();
         assert_eq!(plans.len(), 1, "one plan per group");
@@ -278,11 +324,13 @@ mod tests {
         f.device("0000:02:00.0", 0x020000, 5, None);
         let e = format!(
             "{:#}",
-            plan_all(&f.sysfs(), &f.binder(), &[bdf("0000:02:00.0")]).unwrap_err()
+            plan_all(&f.sysfs(), &f.binder(), &[bdf("0000:02:00.0")], NO).unwrap_err()
         );
         assert!(e.contains("cannot bind 0000:02:00.0"), "{e}");
-        assert!(e.contains("IOMMU group 5 is not viable"), "{e}");
-        assert!(e.contains("0000:00:1c.0"), "{e}");
+        assert!(e.contains("IOMMU group 5 cannot be assigned"), "{e}");
+        assert!(e.contains("bridge 0000:00:1c.0 is bound to shpchp"), "{e}");
+        assert!(e.contains("bind never moves a bridge"), "{e}");
+        assert!(!e.contains("vfio-gmem bind 0000:00:1c.0"), "{e}");
     }
 
     #[test]
@@ -290,7 +338,7 @@ mod tests {
         let f = Fake::new("unknown");
         let e = format!(
             "{:#}",
-            plan_all(&f.sysfs(), &f.binder(), &[bdf("0000:09:00.0")]).unwrap_err()
+            plan_all(&f.sysfs(), &f.binder(), &[bdf("0000:09:00.0")], NO).unwrap_err()
         );
         assert!(e.contains("no PCI device 0000:09:00.0"), "{e}");
         assert!(e.contains("vfio-gmem list"), "{e}");
@@ -309,6 +357,7 @@ mod tests {
             action: "moved",
             before: None,
             now: Some("vfio-pci".into()),
+            overridden: Vec::new(),
         }];
         let r = render(&rows, false);
         assert!(r.starts_with("BDF "), "{r}");

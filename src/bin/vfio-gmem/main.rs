@@ -1,13 +1,15 @@
 //! `vfio-gmem`: assign PCI devices to guests whose memory lives in guest_memfd.
 //! Uses only the library's public API.
 //!
-//! Commands: `probe`, `list`, `bind`, `unbind`, `assign`, `selftest`; `--json` on each.
+//! Commands: `probe`, `list`, `bind`, `unbind`, `assign`, `selftest`, `helper`; `--json`
+//! on each but `helper`.
 //! Exit codes: 0 ok, 1 operation failed, 2 usage error (see `errors.rs`).
 
 mod assign;
 mod bind;
-mod engines;
+mod control;
 mod errors;
+mod helper;
 mod list;
 mod probe;
 mod progress;
@@ -20,7 +22,7 @@ use vfio_gmem::vfio::Bdf;
 
 const AFTER_HELP: &str = "\
 Exit codes: 0 success, 1 operation failed, 2 usage error.
-bind, unbind, assign and selftest must run as root.";
+bind, unbind, assign, selftest and helper must run as root.";
 
 /// Pass PCI devices through to guests whose memory lives in guest_memfd, keeping the
 /// IOMMU in step with private/shared conversions.
@@ -45,10 +47,16 @@ pub enum Command {
     },
     /// List PCI devices with their driver, IOMMU group and readiness for assignment
     List,
-    /// Bind devices (with their whole IOMMU group) to vfio-pci
+    /// Bind devices (with their whole IOMMU group) to vfio-pci; refuses bridges and
+    /// devices the host uses (mounted filesystems, swap, interfaces carrying traffic, the
+    /// console)
     Bind {
         #[arg(required = true, value_name = "BDF")]
         devices: Vec<Bdf>,
+        /// Move devices the host uses anyway, saying what is overridden; never the device
+        /// the root filesystem lives on
+        #[arg(long)]
+        force: bool,
     },
     /// Give devices bound by `bind` back to their previous drivers
     Unbind {
@@ -59,6 +67,10 @@ pub enum Command {
     Assign(AssignArgs),
     /// Prove mapping, conversions and unmapping with the devices' own DMA engines
     Selftest(SelftestArgs),
+    /// As root, hand devices' VFIO/iommufd fds to unprivileged VMMs over a unix socket
+    /// (SCM_RIGHTS), checking each peer's uid/gid (SO_PEERCRED) and the devices it asks
+    /// for; see docs/unprivileged.md
+    Helper(helper::HelperArgs),
 }
 
 /// Where the guest's shared memory lives.
@@ -92,8 +104,12 @@ pub struct MemoryArgs {
     /// Backing of the guest memory
     #[arg(long, value_enum, default_value_t = BackingArg::Gmem)]
     pub backing: BackingArg,
-    /// SW_PROTECTED VM: private pages in guest_memfd, shared pages in a memfd (or hugetlb
-    /// memfd); convertible, every page starts private
+    /// Convertible memory, every page starting private: a SW_PROTECTED VM (the one VM type
+    /// with private memory this tool creates; SEV-SNP/TDX need a launch flow it does not
+    /// drive) with private pages in guest_memfd and shared pages in a memfd (or hugetlb
+    /// memfd). Without such a VM type (e.g. Debian's kernels, no
+    /// CONFIG_KVM_SW_PROTECTED_VM) the same layout without KVM: conversions on the IOMMU
+    /// only, said so in the output (`note`, JSON `memory.kvm_private_memory: false`)
     #[arg(long)]
     pub confidential: bool,
     /// IOMMU interface
@@ -122,7 +138,7 @@ pub struct SelftestArgs {
 }
 
 fn parse_size_arg(s: &str) -> Result<u64, String> {
-    let n = vfio_gmem::control::parse_size(s).map_err(|e| e.to_string())?;
+    let n = crate::control::parse_size(s).map_err(|e| e.to_string())?;
     if n == 0 || n % 4096 != 0 {
         return Err(format!(
             "{n:#x} bytes is not a non-zero multiple of 4 KiB; e.g. 256M or 1G"
@@ -132,7 +148,7 @@ fn parse_size_arg(s: &str) -> Result<u64, String> {
 }
 
 fn parse_number_arg(s: &str) -> Result<u64, String> {
-    let n = vfio_gmem::control::parse_number(s).map_err(|e| e.to_string())?;
+    let n = crate::control::parse_number(s).map_err(|e| e.to_string())?;
     if n % 4096 != 0 {
         return Err(format!("{n:#x} is not 4 KiB aligned"));
     }
@@ -143,10 +159,11 @@ fn run(cli: &Cli) -> anyhow::Result<()> {
     match &cli.command {
         Command::Probe { device } => probe::run(*device, cli.json),
         Command::List => list::run(cli.json),
-        Command::Bind { devices } => bind::run_bind(devices, cli.json),
+        Command::Bind { devices, force } => bind::run_bind(devices, *force, cli.json),
         Command::Unbind { devices } => bind::run_unbind(devices, cli.json),
         Command::Assign(a) => assign::run(a, cli.json),
         Command::Selftest(a) => selftest::run(a, cli.json),
+        Command::Helper(a) => helper::run(a),
     }
 }
 
@@ -169,10 +186,11 @@ fn main() {
         Ok(()) => errors::EXIT_OK,
         Err(e) => {
             let code = errors::exit_code(&e);
-            eprintln!("vfio-gmem: error: {e:#}");
+            let message = errors::describe(&e);
+            eprintln!("vfio-gmem: error: {message}");
             if cli.json {
-                let j =
-                    serde_json::json!({"ok": false, "error": format!("{e:#}"), "exit_code": code});
+                let mut j = serde_json::json!({"ok": false, "error": message, "exit_code": code});
+                errors::add_details(&mut j, &e);
                 println!("{j}");
             }
             code
@@ -232,7 +250,9 @@ mod tests {
             Command::List
         ));
         let c = parse(&["bind", "00:03.0", "0000:00:04.0"]).unwrap();
-        assert!(matches!(c.command, Command::Bind { devices } if devices.len() == 2));
+        assert!(matches!(c.command, Command::Bind { devices, force: false } if devices.len() == 2));
+        let c = parse(&["bind", "--force", "00:03.0"]).unwrap();
+        assert!(matches!(c.command, Command::Bind { force: true, .. }));
         let c = parse(&[
             "assign",
             "00:03.0",

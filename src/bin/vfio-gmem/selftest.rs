@@ -10,30 +10,45 @@
 //! Two memory layouts: `gmem` (a default VM's guest_memfd created MMAP|INIT_SHARED,
 //! conversions on the IOMMU side only) and `confidential` (SW_PROTECTED VM, private pages
 //! in guest_memfd, shared pages in a memfd, KVM attributes following each conversion).
+//! On a kernel without a VM type with private memory (Debian's: no
+//! CONFIG_KVM_SW_PROTECTED_VM) the confidential layout runs without KVM, its setup says
+//! so, and a `KVM attributes` step is reported *skipped* with the reason: what the kernel
+//! can do is proven, what it cannot is named, and the exit code stays 0.
 
 use anyhow::Context;
 use serde::Serialize;
 use serde_json::json;
 use vfio_gmem::dma::{PageState, PAGE_SIZE};
 use vfio_gmem::gmem::MappedMemory;
-use vfio_gmem::vfio::{Bdf, PciSysfs};
+use vfio_gmem::vfio::{Bdf, Device, PciDevice, PciSysfs};
 
-use crate::engines::{self, DmaEngine};
 use crate::errors::require_root;
 use crate::setup::{Layout, Session};
 use crate::table::Table;
 use crate::{BackingArg, SelftestArgs};
+use vfio_gmem::engine::{self as engines, DmaEngine};
 
 const GPA: u64 = 0x1_0000_0000;
 /// Pages of guest memory per test; each device uses its own 8-page slice.
 const PAGES_PER_DEVICE: u64 = 8;
+
+/// A step's result. A skip is not a pass: it names what could not be checked here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Pass,
+    Fail,
+    Skip,
+}
 
 #[derive(Debug, Serialize)]
 pub struct Step {
     pub memory: &'static str,
     pub device: String,
     pub step: &'static str,
+    /// `result == pass` (false for failed and skipped steps).
     pub pass: bool,
+    pub result: Outcome,
     pub detail: String,
 }
 
@@ -113,6 +128,26 @@ fn layouts(pages: u64) -> [(&'static str, Layout); 2] {
     ]
 }
 
+/// A DMA engine on each attached device (the library's driver table, checked in [`run`]).
+fn open_engines(
+    devices: &[(PciDevice, Device)],
+) -> anyhow::Result<Vec<(Bdf, engines::BoxedEngine<'_>)>> {
+    let mut out = Vec::new();
+    for (pci, dev) in devices {
+        let driver = engines::driver_for(pci).expect("checked before");
+        let engine = driver.open_borrowed(dev)?;
+        anyhow::ensure!(
+            engine.max_transfer() >= PAGE_SIZE,
+            "{}: the {} engine moves at most {} bytes, the steps need a page",
+            pci.bdf,
+            engine.name(),
+            engine.max_transfer()
+        );
+        out.push((pci.bdf, engine));
+    }
+    Ok(out)
+}
+
 fn run_layout(
     memory: &'static str,
     layout: &Layout,
@@ -121,15 +156,16 @@ fn run_layout(
     steps: &mut Vec<Step>,
 ) {
     let mut record = |device: String, step: &'static str, r: Result<String, String>| {
-        let (pass, detail) = match r {
-            Ok(d) => (true, d),
-            Err(d) => (false, d),
+        let (result, detail) = match r {
+            Ok(d) => (Outcome::Pass, d),
+            Err(d) => (Outcome::Fail, d),
         };
         steps.push(Step {
             memory,
             device,
             step,
-            pass,
+            pass: result == Outcome::Pass,
+            result,
             detail,
         });
     };
@@ -144,25 +180,19 @@ fn run_layout(
             .shared
             .mmap()
             .context("mapping the shared backing")?;
-        let mut engines = Vec::new();
-        for (pci, dev) in &session.devices {
-            let driver = engines::driver_for(pci).expect("checked before");
-            let engine = (driver.open)(dev)?;
-            anyhow::ensure!(
-                engine.max_transfer() >= PAGE_SIZE,
-                "{}: the {} engine moves at most {} bytes, the steps need a page",
-                pci.bdf,
-                engine.name(),
-                engine.max_transfer()
-            );
-            engines.push((pci.bdf, engine));
-        }
-        Ok((session, view, engines))
+        Ok((session, view))
     };
-    let (mut session, mut view, engines) = match setup() {
+    let (mut session, mut view) = match setup() {
         Ok(x) => x,
         Err(e) => {
-            record(all, "setup", Err(format!("{e:#}")));
+            record(all, "setup", Err(crate::errors::describe(&e)));
+            return;
+        }
+    };
+    let engines = match open_engines(&session.devices) {
+        Ok(x) => x,
+        Err(e) => {
+            record(all, "setup", Err(crate::errors::describe(&e)));
             return;
         }
     };
@@ -170,10 +200,15 @@ fn run_layout(
         all.clone(),
         "setup",
         Ok(format!(
-            "{}, {} of {}, {}",
+            "{}, {} of {}{}, {}",
             session.backend,
             crate::table::human_bytes(layout.size),
             session.memory.shared_backing,
+            match (&session.memory.vm_type, &session.memory.private_backing) {
+                (Some(t), Some(p)) => format!(" + {p}, {t} VM"),
+                (None, _) if layout.confidential => " (no VM: IOMMU only)".to_string(),
+                _ => String::new(),
+            },
             session
                 .space
                 .regions()
@@ -182,6 +217,9 @@ fn run_layout(
                 .unwrap_or_default()
         )),
     );
+    // What this layout cannot check here; reported after its other steps.
+    let skip = (layout.confidential && !session.memory.kvm_private_memory)
+        .then(|| session.memory.note.clone().unwrap_or_default());
     let page = |p: u64| (p * PAGE_SIZE) as usize;
     let iova = |p: u64| GPA + p * PAGE_SIZE;
     for (i, (bdf, engine)) in engines.iter().enumerate() {
@@ -234,7 +272,17 @@ fn run_layout(
     drop(engines);
     drop(view);
     if let Err(e) = session.teardown() {
-        record(all, "teardown", Err(format!("{e:#}")));
+        record(all.clone(), "teardown", Err(crate::errors::describe(&e)));
+    }
+    if let Some(why) = skip {
+        steps.push(Step {
+            memory,
+            device: all,
+            step: "KVM attributes",
+            pass: false,
+            result: Outcome::Skip,
+            detail: format!("not checked: {why}"),
+        });
     }
 }
 
@@ -245,11 +293,40 @@ pub fn render(steps: &[Step]) -> String {
             s.memory.to_string(),
             s.device.clone(),
             s.step.to_string(),
-            if s.pass { "pass" } else { "FAIL" }.to_string(),
+            match s.result {
+                Outcome::Pass => "pass",
+                Outcome::Fail => "FAIL",
+                Outcome::Skip => "skip",
+            }
+            .to_string(),
             s.detail.clone(),
         ]);
     }
     t.render()
+}
+
+/// The last line: `PASS: 12 of 12 steps passed`, plus the skipped steps and why.
+pub fn summary(steps: &[Step]) -> String {
+    let count = |o: Outcome| steps.iter().filter(|s| s.result == o).count();
+    let (passed, failed) = (count(Outcome::Pass), count(Outcome::Fail));
+    let mut line = format!(
+        "{}: {passed} of {} steps passed",
+        if failed == 0 { "PASS" } else { "FAIL" },
+        passed + failed
+    );
+    let skipped: Vec<String> = steps
+        .iter()
+        .filter(|s| s.result == Outcome::Skip)
+        .map(|s| format!("{} {} ({})", s.memory, s.step, s.detail))
+        .collect();
+    if !skipped.is_empty() {
+        line.push_str(&format!(
+            "; {} skipped: {}",
+            skipped.len(),
+            skipped.join("; ")
+        ));
+    }
+    line
 }
 
 pub fn run(args: &SelftestArgs, json: bool) -> anyhow::Result<()> {
@@ -275,26 +352,63 @@ pub fn run(args: &SelftestArgs, json: bool) -> anyhow::Result<()> {
     for (memory, layout) in layouts(pages) {
         run_layout(memory, &layout, &args.devices, args.iommu, &mut steps);
     }
-    let failed = steps.iter().filter(|s| !s.pass).count();
+    let count = |o: Outcome| steps.iter().filter(|s| s.result == o).count();
+    let (passed, failed, skipped) = (
+        count(Outcome::Pass),
+        count(Outcome::Fail),
+        count(Outcome::Skip),
+    );
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&json!({"ok": failed == 0, "steps": steps}))?
+            serde_json::to_string_pretty(&json!({"ok": failed == 0, "passed": passed,
+                "failed": failed, "skipped": skipped, "steps": steps}))?
         );
     } else {
         print!("{}", render(&steps));
-        println!(
-            "{}: {} of {} steps passed",
-            if failed == 0 { "PASS" } else { "FAIL" },
-            steps.len() - failed,
-            steps.len()
-        );
+        println!("{}", summary(&steps));
     }
     if failed > 0 {
         anyhow::bail!(
             "{failed} of {} self-test steps failed (see the table); dmesg shows the IOMMU's view",
-            steps.len()
+            passed + failed
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(step: &'static str, result: Outcome) -> Step {
+        Step {
+            memory: "confidential",
+            device: "0000:00:09.0".into(),
+            step,
+            pass: result == Outcome::Pass,
+            result,
+            detail: "why".into(),
+        }
+    }
+
+    #[test]
+    fn skips_are_named_and_never_counted_as_passes() {
+        let mut steps = vec![
+            step("setup", Outcome::Pass),
+            step("KVM attributes", Outcome::Skip),
+        ];
+        assert_eq!(
+            summary(&steps),
+            "PASS: 1 of 1 steps passed; 1 skipped: confidential KVM attributes (why)"
+        );
+        steps.push(step("mapped: DMA round trip", Outcome::Fail));
+        assert!(summary(&steps).starts_with("FAIL: 1 of 2 steps passed; 1 skipped"));
+        let j = serde_json::to_value(&steps[1]).unwrap();
+        assert_eq!(
+            (j["result"].as_str(), j["pass"].as_bool()),
+            (Some("skip"), Some(false))
+        );
+        assert!(render(&steps).contains("  skip  "));
+    }
 }

@@ -1,7 +1,6 @@
 //! Shared by `assign` and `selftest`: checks the devices, creates the guest memory, opens
 //! the IOMMU backend, attaches the devices and maps the memory; tears it all down again.
 
-use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::Path;
 use std::sync::Arc;
@@ -9,9 +8,10 @@ use std::sync::Arc;
 use anyhow::Context;
 use serde::Serialize;
 use vfio_gmem::dma::{DmaSpace, GuestRegion, PageState, RegionId, SharedMemory, SpaceOptions};
-use vfio_gmem::gmem::{GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType, HUGE_PAGE_2M};
-use vfio_gmem::iommufd::Iommufd;
-use vfio_gmem::vfio::{Bdf, Container, Device, Group, PciDevice, PciSysfs, Readiness};
+use vfio_gmem::gmem::{
+    self, GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType, VmTypes, HUGE_PAGE_2M,
+};
+use vfio_gmem::vfio::{Bdf, Device, PciDevice, PciSysfs, Readiness};
 
 use crate::errors::usage;
 use crate::progress::with_spinner;
@@ -32,6 +32,16 @@ impl std::fmt::Display for Backend {
             Backend::Iommufd => "iommufd",
             Backend::Legacy => "legacy type1 container",
         })
+    }
+}
+
+impl Backend {
+    /// The library's name for it.
+    pub fn library(self) -> vfio_gmem::mapper::Backend {
+        match self {
+            Backend::Iommufd => vfio_gmem::mapper::Backend::Iommufd,
+            Backend::Legacy => vfio_gmem::mapper::Backend::LegacyType1,
+        }
     }
 }
 
@@ -116,6 +126,39 @@ pub struct MemoryInfo {
     pub private_backing: Option<String>,
     pub convertible: bool,
     pub initial: Option<String>,
+    /// KVM's PRIVATE attribute follows conversions (a VM type with private memory).
+    pub kvm_private_memory: bool,
+    /// What this layout could not do here, and what it does instead.
+    pub note: Option<String>,
+}
+
+/// The start of [`MemoryInfo::note`] when `--confidential` finds no private-memory VM.
+pub const IOMMU_ONLY: &str =
+    "no KVM private memory on this kernel: conversions exercised on the IOMMU only";
+
+/// The VM type `--confidential` uses: SW_PROTECTED, the one VM type with private memory
+/// that needs no hardware and no launch flow; or why there is none (`kvm` is what
+/// `KVM_CAP_VM_TYPES` says, or why KVM could not be asked). SEV-SNP and TDX VMs need a
+/// firmware launch flow this tool does not drive.
+pub fn private_vm_type(kvm: Result<VmTypes, String>) -> Result<VmType, String> {
+    let types = kvm.map_err(|e| format!("KVM is not usable: {e}"))?;
+    if types.contains(VmType::SwProtected) {
+        return Ok(VmType::SwProtected);
+    }
+    let others: Vec<String> = types
+        .iter()
+        .filter(|t| !matches!(t, VmType::Default))
+        .map(|t| t.to_string())
+        .collect();
+    let mut why =
+        format!("KVM creates {types}; SW_PROTECTED needs a kernel with CONFIG_KVM_SW_PROTECTED_VM");
+    if !others.is_empty() {
+        why.push_str(&format!(
+            "; {} need a firmware launch flow vfio-gmem does not drive",
+            others.join(", ")
+        ));
+    }
+    Err(why)
 }
 
 pub struct Session {
@@ -126,7 +169,6 @@ pub struct Session {
     pub memory: MemoryInfo,
     pub region: Option<RegionId>,
     _private: Option<GuestMemfd>,
-    _groups: Vec<Group>,
 }
 
 /// Looks each device up and checks it can be assigned with `backend`.
@@ -196,7 +238,36 @@ impl Session {
                 Ok(Memfd::new("vfio-gmem-guest-shared", size)?)
             }
         };
-        let (vm, shared, private, info) = if layout.confidential {
+        let private_vm = if layout.confidential {
+            private_vm_type(
+                gmem::open_kvm()
+                    .map(|k| gmem::supported_vm_types(&k))
+                    .map_err(|e| e.to_string()),
+            )
+        } else {
+            Err(String::new())
+        };
+        let (vm, shared, private, info) = if let (true, Err(why)) =
+            (layout.confidential, &private_vm)
+        {
+            // No VM with private memory: the same layout without KVM. Conversions unmap
+            // and map the IOMMU in the same order; "private" pages are simply unmapped
+            // (and punched out of the memfd with `discard`).
+            let huge = layout.backing == BackingArg::Hugetlb;
+            let shared = shared_memfd(huge)?;
+            let info = MemoryInfo {
+                gpa: layout.gpa,
+                size,
+                vm_type: None,
+                shared_backing: if huge { "hugetlb memfd" } else { "memfd" }.into(),
+                private_backing: None,
+                convertible: true,
+                initial: initial.map(|s| s.to_string()),
+                kvm_private_memory: false,
+                note: Some(format!("{IOMMU_ONLY} ({why})")),
+            };
+            (None, SharedFile::Memfd(shared), None, info)
+        } else if layout.confidential {
             let vm = arc_vm(VmType::SwProtected)?;
             if !vm.supports_private() {
                 anyhow::bail!("--confidential: this KVM's SW_PROTECTED VM has no PRIVATE memory attribute (CONFIG_KVM_SW_PROTECTED_VM)");
@@ -214,6 +285,8 @@ impl Session {
                 private_backing: Some("guest_memfd (MMAP)".into()),
                 convertible: true,
                 initial: initial.map(|s| s.to_string()),
+                kvm_private_memory: true,
+                note: None,
             };
             (Some(vm), SharedFile::Memfd(shared), Some(private), info)
         } else {
@@ -244,6 +317,8 @@ impl Session {
                 private_backing: None,
                 convertible: initial.is_some(),
                 initial: initial.map(|s| s.to_string()),
+                kvm_private_memory: false,
+                note: None,
             };
             // A default VM has no PRIVATE attribute: conversions stay IOMMU-side only.
             (None, shared, None, info)
@@ -255,43 +330,17 @@ impl Session {
             conversions: initial.is_some(),
             ..Default::default()
         };
-        let mut groups = Vec::new();
+        // One path for both backends: the library's backend table opens the space and
+        // attaches each device the backend's way (cdev + IOAS, or group + container).
+        let mut space = DmaSpace::open(backend.library(), vm, options)
+            .with_context(|| format!("opening the {backend} IOMMU backend"))?;
         let mut devices = Vec::new();
-        let mut space = match backend {
-            Backend::Iommufd => {
-                let fd = Arc::new(Iommufd::open().context("opening /dev/iommu")?);
-                let mut space = DmaSpace::iommufd(&fd, vm, options)?;
-                for d in pci {
-                    let dev = Device::open_pci_in(&sysfs, d.bdf)?;
-                    space
-                        .attach(&dev)
-                        .with_context(|| format!("attaching {}", d.bdf))?;
-                    devices.push((d, dev));
-                }
-                space
-            }
-            Backend::Legacy => {
-                let container = Container::open().context("opening the legacy VFIO container")?;
-                let mut by_group: BTreeMap<u32, Group> = BTreeMap::new();
-                for d in &pci {
-                    let g = d.iommu_group.expect("readiness checked the group");
-                    if let std::collections::btree_map::Entry::Vacant(e) = by_group.entry(g) {
-                        let group = Group::open_in(&sysfs, g)?;
-                        container
-                            .add_group(&group)
-                            .with_context(|| format!("adding IOMMU group {g} of {}", d.bdf))?;
-                        e.insert(group);
-                    }
-                }
-                for d in pci {
-                    let g = d.iommu_group.expect("checked");
-                    let dev = by_group[&g].device(d.bdf)?;
-                    devices.push((d, dev));
-                }
-                groups.extend(by_group.into_values());
-                DmaSpace::with_mapper(Box::new(container), vm, options)
-            }
-        };
+        for d in pci {
+            let dev = space
+                .attach_pci(&sysfs, d.bdf)
+                .with_context(|| format!("attaching {}", d.bdf))?;
+            devices.push((d, dev));
+        }
 
         // Map the memory.
         let fd = shared
@@ -320,7 +369,6 @@ impl Session {
             memory: info,
             region: Some(id),
             _private: private,
-            _groups: groups,
         })
     }
 
@@ -375,6 +423,27 @@ mod tests {
         let e = l.validate().unwrap_err();
         assert_eq!(crate::errors::exit_code(&e), crate::errors::EXIT_USAGE);
         assert!(e.to_string().contains("2 MiB"), "{e}");
+    }
+
+    #[test]
+    fn confidential_uses_sw_protected_or_says_why_not() {
+        let t = |bits| Ok(VmTypes::from_bits_retain(bits));
+        assert_eq!(private_vm_type(t(0b11)), Ok(VmType::SwProtected));
+        // Debian's kernel: DEFAULT only.
+        let why = private_vm_type(t(0b1)).unwrap_err();
+        assert!(
+            why.starts_with("KVM creates DEFAULT; SW_PROTECTED needs")
+                && why.contains("CONFIG_KVM_SW_PROTECTED_VM"),
+            "{why}"
+        );
+        // An SNP host without SW_PROTECTED: named, and why it is not used.
+        let why = private_vm_type(t(0b1_0001)).unwrap_err();
+        assert!(
+            why.contains("SNP (type 4) need a firmware launch flow"),
+            "{why}"
+        );
+        let why = private_vm_type(Err("cannot open /dev/kvm".into())).unwrap_err();
+        assert_eq!(why, "KVM is not usable: cannot open /dev/kvm");
     }
 
     #[test]

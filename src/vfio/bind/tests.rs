@@ -130,7 +130,12 @@ fn plan_refuses_a_bridge_with_a_dma_capable_driver() {
     let e = plan_group(7, &members).unwrap_err();
     assert!(
         e.to_string()
-            .contains("member 0000:00:1c.0 is bound to shpchp-like"),
+            .contains("its bridge 0000:00:1c.0 is bound to shpchp-like"),
+        "{e}"
+    );
+    // Never suggests binding the bridge itself.
+    assert!(
+        !e.to_string().contains("vfio-gmem bind 0000:00:1c.0"),
         "{e}"
     );
 }
@@ -307,4 +312,137 @@ fn refused_binds_change_nothing_in_sysfs_or_the_records() {
         .unwrap_err()
         .to_string()
         .contains("shpchp-like"));
+}
+
+/// A fake host whose 00:04.0 disk (vda) is mounted, 00:05.0 disk (vdb) is not, 00:02.0
+/// backs the root filesystem over 9p, and 00:00.0 / 00:1f.0 are the host and LPC bridges.
+fn host_fixture() -> (FakeSysfs, Binder) {
+    use std::os::unix::fs::symlink;
+    let f = FakeSysfs::new("bind-host");
+    f.add("0000:00:00.0", 0x8086, 0x29c0, 0x060000, Some(0));
+    f.add("0000:00:1f.0", 0x8086, 0x2918, 0x060100, Some(9));
+    f.add("0000:00:02.0", 0x1af4, 0x1049, 0x000200, Some(2));
+    f.set_driver("0000:00:02.0", Some("virtio-pci"), None);
+    for (b, name, dev, g) in [
+        ("0000:00:04.0", "vda", "254:0", 4),
+        ("0000:00:05.0", "vdb", "254:16", 5),
+    ] {
+        f.add(b, 0x1af4, 0x1042, 0x010000, Some(g));
+        f.set_driver(b, Some("virtio-pci"), None);
+        let real = f
+            .path("sys/devices/pci0000:00")
+            .join(b)
+            .join("virtio1/block")
+            .join(name);
+        fs::create_dir_all(real.join("holders")).unwrap();
+        fs::write(real.join("dev"), dev).unwrap();
+        fs::create_dir_all(f.path("sys/class/block")).unwrap();
+        symlink(&real, f.path("sys/class/block").join(name)).unwrap();
+    }
+    let v = f.path("sys/devices/pci0000:00/0000:00:02.0/virtio0");
+    fs::create_dir_all(&v).unwrap();
+    fs::write(v.join("mount_tag"), "/dev/root").unwrap();
+    fs::create_dir_all(f.path("sys/bus/virtio/devices")).unwrap();
+    symlink(&v, f.path("sys/bus/virtio/devices/virtio0")).unwrap();
+    fs::create_dir_all(f.path("proc/self")).unwrap();
+    fs::create_dir_all(f.path("run")).unwrap(); // the lock's directory
+    fs::write(
+        f.path("proc/self/mountinfo"),
+        "1 0 0:21 / / rw - 9p /dev/root rw,trans=virtio\n2 1 254:0 / /mnt rw - ext2 /dev/vda rw\n",
+    )
+    .unwrap();
+    let host =
+        crate::vfio::host::HostInspector::with_roots(f.path("sys"), f.path("proc"), f.path("dev"))
+            .with_addresses(vec![]);
+    let b = Binder::with(f.sysfs(), f.path("run/previous-drivers")).with_host(host);
+    (f, b)
+}
+
+#[test]
+fn plan_reports_host_uses_of_the_members_it_would_move() {
+    let (_f, b) = host_fixture();
+    let plan = b.plan(bdf("0000:00:04.0")).unwrap();
+    assert_eq!(plan.host_uses.len(), 1, "{:?}", plan.host_uses);
+    assert_eq!(
+        plan.host_uses[0].to_string(),
+        "0000:00:04.0: vda: ext2 mounted at /mnt"
+    );
+    assert_eq!(b.plan(bdf("0000:00:05.0")).unwrap().host_uses, vec![]);
+}
+
+#[test]
+fn refusals_for_host_use_and_bridges_change_nothing_and_force_stops_at_the_root_device() {
+    let (f, b) = host_fixture();
+    let before = tree(&f.root);
+    let no = BindOptions::default();
+    let force = BindOptions { force: true };
+    let e = b.bind_with(bdf("0000:00:04.0"), no).unwrap_err();
+    let VfioError::HostInUse {
+        ref uses,
+        forceable: true,
+        group: 4,
+        ..
+    } = e
+    else {
+        panic!("{e}")
+    };
+    assert_eq!(uses.len(), 1);
+    let msg = e.to_string();
+    assert!(msg.contains("refusing to bind 0000:00:04.0: the host depends on it: 0000:00:04.0: vda: ext2 mounted at /mnt"), "{msg}");
+    assert!(
+        msg.contains("Nothing was changed") && msg.contains("--force"),
+        "{msg}"
+    );
+    assert_eq!(tree(&f.root), before, "refused bind changed the tree");
+    for force_it in [no, force] {
+        let e = b.bind_with(bdf("0000:00:02.0"), force_it).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                VfioError::HostInUse {
+                    forceable: false,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains("never moved, not even with --force"),
+            "{e}"
+        );
+        assert_eq!(tree(&f.root), before);
+        for bridge in ["0000:00:00.0", "0000:00:1f.0"] {
+            let e = b.bind_with(bdf(bridge), force_it).unwrap_err();
+            assert!(matches!(e, VfioError::NotAssignable { .. }), "{e}");
+            assert!(e.to_string().contains("not assignable by nature"), "{e}");
+            assert_eq!(tree(&f.root), before);
+        }
+    }
+    // Forced, the mounted disk gets past the host check: the fake kernel then does not
+    // bind vfio-pci, and the members are given back.
+    let e = b.bind_with(bdf("0000:00:04.0"), force).unwrap_err();
+    assert!(
+        e.to_string().contains("vfio-pci did not take the device"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bridges_in_a_group_stay_whatever_their_class() {
+    let members = [
+        dev("0000:00:00.0", 0x060000, None),
+        dev("0000:00:1f.0", 0x060100, None),
+        dev("0000:00:1f.3", 0x0c0500, Some("i801_smbus")),
+    ];
+    let plan = plan_group(7, &members).unwrap();
+    assert_eq!(plan.moved().collect::<Vec<_>>(), [bdf("0000:00:1f.3")]);
+    let held = [
+        dev("0000:00:1f.0", 0x060100, Some("lpc_ich")),
+        dev("0000:00:1f.3", 0x0c0500, None),
+    ];
+    let e = plan_group(7, &held).unwrap_err();
+    assert!(
+        e.to_string().contains("0000:00:1f.0 is bound to lpc_ich"),
+        "{e}"
+    );
 }

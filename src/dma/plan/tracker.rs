@@ -1,0 +1,307 @@
+//! The tracker: registered regions, per-page KVM attribute state and live IOMMU areas.
+//!
+//! Invariants:
+//! - regions are disjoint in GPA and in IOVA; keyed by first GPA;
+//! - a region's bitmap has one bit per page, set = private attribute;
+//! - `areas` is keyed by first IOVA, areas are disjoint, each lies inside one region's
+//!   IOVA range and records the offset within that region it maps;
+//! - after a successful plan, for every convertible region a page is mapped iff it is
+//!   shared, and a `Whole` region is mapped entirely; a failed rollback can leave
+//!   exceptions, which [`Tracker::reconcile`] records truthfully and a later
+//!   conversion repairs (planning looks at attributes and mappings separately);
+//! - the tracker changes only in `commit`/`reconcile` (and `split_area_at`, which
+//!   records a cut a failed call left in the kernel), each bumping `generation`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use super::error::PlanError;
+use super::model::{Area, PageState, RegionId, PAGE_SIZE};
+use super::ops::{Op, Plan, RegionChange};
+use super::outcome::{ExecError, Outcome};
+use super::region::Region;
+
+/// Tracker of one guest's RAM regions in one IOVA space (one IOAS or container).
+///
+/// Planning methods take `&self` and return a [`Plan`]; the tracker changes only when a
+/// plan is committed (after `execute` (the driver) succeeded) or reconciled
+/// (after it failed).
+///
+/// ```
+/// use vfio_gmem::dma::{planning::*, *};
+/// let mut mem = Tracker::new();
+/// let mut kernel = FakeKernel::new();
+/// let id = mem.register(RegionSpec::new(0, 1 << 20, Backing::Opaque(0)), &mut kernel).unwrap();
+/// let plan = mem.plan_convert(0x4000, 0x2000, PageState::Private).unwrap();
+/// let stats = execute(&plan, &mut kernel).unwrap();
+/// mem.commit(plan).unwrap();
+/// assert_eq!(stats.ioctls, 2); // one cut-unmap, one attribute change
+/// assert_eq!(mem.page_state(0x4000), Some(PageState::Private));
+/// assert_eq!(mem.area_count(), 2);
+/// # let _ = id;
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Tracker {
+    pub(crate) regions: BTreeMap<u64, Region>,
+    pub(crate) areas: BTreeMap<u64, Area>,
+    pub(crate) next_id: u64,
+    pub(crate) generation: u64,
+}
+
+impl Tracker {
+    /// An empty tracker.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Counter bumped by every commit or reconcile.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Registered regions, by GPA.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.values()
+    }
+
+    /// The region with this id.
+    pub fn region(&self, id: RegionId) -> Option<&Region> {
+        self.regions.values().find(|r| r.id == id)
+    }
+
+    /// The region containing `gpa`.
+    pub fn region_at(&self, gpa: u64) -> Option<&Region> {
+        // A guest has a handful of regions: a scan beats the B-tree's range search.
+        if self.regions.len() <= 4 {
+            return self
+                .regions
+                .values()
+                .find(|r| r.spec.gpa <= gpa && gpa < r.spec.gpa + r.spec.len);
+        }
+        self.regions
+            .range(..=gpa)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| gpa < r.spec.gpa + r.spec.len)
+    }
+
+    /// State of the page containing `gpa`, if registered.
+    pub fn page_state(&self, gpa: u64) -> Option<PageState> {
+        self.region_at(gpa).map(|r| r.page_state(gpa))
+    }
+
+    /// Live IOMMU areas, by IOVA.
+    pub fn areas(&self) -> impl Iterator<Item = &Area> {
+        self.areas.values()
+    }
+
+    /// Number of live IOMMU areas.
+    pub fn area_count(&self) -> usize {
+        self.areas.len()
+    }
+
+    /// Approximate heap bytes used by the tracker (bitmaps plus area and region maps).
+    pub fn tracker_bytes(&self) -> usize {
+        // A BTreeMap entry costs roughly its key and value plus ~1/11 of a node header;
+        // count key+value plus 16 bytes of overhead per entry.
+        let area_entry = std::mem::size_of::<(u64, Area)>() + 16;
+        let region_entry = std::mem::size_of::<(u64, Region)>() + 16;
+        self.areas.len() * area_entry
+            + self
+                .regions
+                .values()
+                .map(|r| region_entry + r.private.memory_bytes())
+                .sum::<usize>()
+    }
+
+    /// Areas whose IOVA range intersects `r`, ascending.
+    pub(crate) fn areas_in(&self, r: Range<u64>) -> impl Iterator<Item = &Area> + '_ {
+        let first = match self.areas.range(..r.start).next_back() {
+            Some((&k, a)) if a.iova + a.len > r.start => k,
+            _ => r.start,
+        };
+        self.areas
+            .range(first..)
+            .map(|(_, a)| a)
+            .take_while(move |a| a.iova < r.end)
+    }
+
+    /// Records a plan that `execute` (the driver) ran to completion.
+    pub fn commit(&mut self, plan: Plan) -> Result<(), PlanError> {
+        self.commit_keeping_ops(plan).map(drop)
+    }
+
+    /// [`commit`](Self::commit), handing back the plan's op list (for reuse).
+    pub(crate) fn commit_keeping_ops(&mut self, plan: Plan) -> Result<Vec<Op>, PlanError> {
+        self.check_generation(&plan)?;
+        let ops = plan.ops;
+        self.apply(plan.change, &ops, true);
+        Ok(ops)
+    }
+
+    /// Records what a failed plan really did, from the calls that took effect.
+    ///
+    /// After `RolledBack` the tracker is unchanged but for area boundaries the undo
+    /// created (a restored piece of a cut area is a separate area, as in the kernel).
+    pub fn reconcile(&mut self, plan: Plan, err: &ExecError) -> Result<(), PlanError> {
+        self.check_generation(&plan)?;
+        let complete = matches!(err.outcome, Outcome::NotDiscarded { .. });
+        self.apply(plan.change, &err.applied, complete);
+        Ok(())
+    }
+
+    fn check_generation(&self, plan: &Plan) -> Result<(), PlanError> {
+        if plan.generation != self.generation {
+            return Err(PlanError::StalePlan {
+                plan: plan.generation,
+                tracker: self.generation,
+            });
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool) {
+        let mut registered = None;
+        if let RegionChange::Register(r) = change.clone() {
+            registered = Some(r.id);
+            self.next_id = self.next_id.max(r.id.0 + 1);
+            self.regions.insert(r.spec.gpa, *r);
+        }
+        for op in ops {
+            self.apply_op(op);
+        }
+        let drop_region = match change {
+            RegionChange::Register(_) if !complete => registered.filter(|&id| !self.has_areas(id)),
+            RegionChange::Deregister(id) if complete || !self.has_areas(id) => Some(id),
+            _ => None,
+        };
+        if let Some(id) = drop_region {
+            self.regions.retain(|_, r| r.id != id);
+        }
+        self.generation += 1;
+    }
+
+    fn has_areas(&self, id: RegionId) -> bool {
+        self.region(id)
+            .map(|r| self.areas_in(r.iova_range()).next().is_some())
+            .unwrap_or(false)
+    }
+
+    fn apply_op(&mut self, op: &Op) {
+        match op {
+            Op::Map(m) => {
+                let prev = self.areas.insert(
+                    m.iova,
+                    Area {
+                        iova: m.iova,
+                        len: m.len,
+                        region: m.region,
+                        offset: m.offset,
+                    },
+                );
+                debug_assert!(prev.is_none(), "tracker mapped {m:?} twice");
+            }
+            Op::Unmap(u) => self.remove_areas(u.iova..u.iova + u.len),
+            Op::SetAttributes(a) => {
+                let r = a.gpa..a.gpa + a.len;
+                for reg in self.regions.values_mut() {
+                    let g = reg.gpa_range();
+                    let (s, e) = (r.start.max(g.start), r.end.min(g.end));
+                    if s < e {
+                        let base = reg.spec.gpa;
+                        reg.private
+                            .set_range((s - base) / PAGE_SIZE..(e - base) / PAGE_SIZE, a.private);
+                    }
+                }
+            }
+            Op::Discard(_) => {}
+        }
+    }
+
+    /// Splits the area holding both `at - 1` and `at` so that a piece starts at `at`, as
+    /// the kernel does when a failed cut-unmap made one of its cuts (the IOAS learns
+    /// that, see [`crate::iommufd::Ioas::cut_unmap`]). Returns whether an area was split;
+    /// a split changes the tracker, so it bumps the generation.
+    pub(crate) fn split_area_at(&mut self, at: u64) -> bool {
+        let Some(&a) = self
+            .areas
+            .range(..at)
+            .next_back()
+            .map(|(_, a)| a)
+            .filter(|a| a.iova + a.len > at)
+        else {
+            return false;
+        };
+        let head = at - a.iova;
+        self.areas.insert(a.iova, Area { len: head, ..a });
+        self.areas.insert(
+            at,
+            Area {
+                iova: at,
+                len: a.len - head,
+                offset: a.offset + head,
+                ..a
+            },
+        );
+        self.generation += 1;
+        true
+    }
+
+    /// Removes `r` from the area map, keeping the parts of areas outside it (the kernel's
+    /// cut-then-unmap; for native unmaps the range never cuts, so this is plain removal).
+    fn remove_areas(&mut self, r: Range<u64>) {
+        // Top down, one lookup per area: the highest area starting below the end, while
+        // it reaches into `r`. A left piece keeps its key (shrunk in place) and ends at
+        // `r.start`, a right piece starts at `r.end`: neither is found again.
+        while let Some((_, a)) = self.areas.range_mut(..r.end).next_back() {
+            let whole = *a;
+            let end = whole.iova + whole.len;
+            if end <= r.start {
+                break;
+            }
+            if whole.iova < r.start {
+                a.len = r.start - whole.iova;
+            } else {
+                self.areas.remove(&whole.iova);
+            }
+            if end > r.end {
+                let right = Area {
+                    iova: r.end,
+                    len: end - r.end,
+                    region: whole.region,
+                    offset: whole.offset + (r.end - whole.iova),
+                };
+                self.areas.insert(right.iova, right);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::executor::fake::FakeKernel;
+    use crate::dma::plan::model::Backing;
+    use crate::dma::plan::model::RegionSpec;
+
+    #[test]
+    fn split_area_at_keeps_offsets_and_bumps_the_generation() {
+        let (mut mem, mut k) = (Tracker::new(), FakeKernel::new());
+        let spec = RegionSpec::new(0x10_0000, 16 * PAGE_SIZE, Backing::Opaque(0));
+        mem.register(spec, &mut k).unwrap();
+        let generation = mem.generation();
+        assert!(!mem.split_area_at(0x10_0000), "a boundary already");
+        assert!(!mem.split_area_at(0x20_0000), "outside every area");
+        assert!(mem.split_area_at(0x10_0000 + 6 * PAGE_SIZE));
+        let areas: Vec<(u64, u64, u64)> = mem.areas().map(|a| (a.iova, a.len, a.offset)).collect();
+        assert_eq!(
+            areas,
+            vec![
+                (0x10_0000, 6 * PAGE_SIZE, 0),
+                (0x10_0000 + 6 * PAGE_SIZE, 10 * PAGE_SIZE, 6 * PAGE_SIZE)
+            ]
+        );
+        assert_eq!(mem.generation(), generation + 1);
+        assert!(!mem.split_area_at(0x10_0000 + 6 * PAGE_SIZE));
+    }
+}
