@@ -19,6 +19,8 @@
 //! - `space_cut` / `space_granule`: `DmaSpace::convert` of one 8 KiB range (cut) or one
 //!   64 KiB granule (per-granule), alternately to private and back, over 64 spots of a
 //!   1 GiB region;
+//! - `space_cut_l<N>`: `space_cut` with N in-process conversion listeners that do
+//!   nothing (`DmaSpace::add_listener`): the space's own cost of telling them;
 //! - `tracker_cut`: the same through `Tracker::convert` (planner, driver, commit only);
 //! - `batch_k<K>_<size>`: `DmaSpace::convert_batch` of K single-page ranges spread over
 //!   a region of `size` (per batch): scaling in ranges touched vs region size;
@@ -41,8 +43,8 @@ use vfio_gmem::dma::planning::{
     AttributesOp, Backing, DiscardOp, MapOp, RegionSpec, Tracker, UnmapKind, UnmapOp,
 };
 use vfio_gmem::dma::{
-    ConversionRequest, DmaSpace, Executor, GuestRegion, OpError, PageState, RegionId, SharedMemory,
-    SpaceOptions, Strategy, UserAddress, PAGE_SIZE,
+    ConversionListener, ConversionRequest, DmaSpace, Executor, GuestRegion, ListenerError, OpError,
+    PageState, RegionId, SharedMemory, SpaceOptions, Strategy, UserAddress, PAGE_SIZE,
 };
 
 /// Counts heap allocations (alloc, alloc_zeroed, realloc) of the whole process.
@@ -89,6 +91,23 @@ impl Executor for Null {
     }
     fn discard(&mut self, op: &DiscardOp) -> Result<(), OpError> {
         black_box(op);
+        Ok(())
+    }
+}
+
+/// A conversion listener that does nothing (the cost measured is the space's).
+struct Quiet;
+
+impl ConversionListener for Quiet {
+    fn name(&self) -> &str {
+        "quiet"
+    }
+    fn release(&mut self, ranges: &[std::ops::Range<u64>]) -> Result<(), ListenerError> {
+        black_box(ranges);
+        Ok(())
+    }
+    fn grant(&mut self, ranges: &[std::ops::Range<u64>]) -> Result<(), ListenerError> {
+        black_box(ranges);
         Ok(())
     }
 }
@@ -187,6 +206,18 @@ fn setup(name: &str) -> (Work, u64) {
             spots: spots(GIB, SPOTS),
             len: 2 * PAGE_SIZE,
         },
+        _ if name.starts_with("space_cut_l") => {
+            let n: usize = name["space_cut_l".len()..].parse().expect("listeners");
+            let mut s = space(Strategy::Cut, GIB, None);
+            for _ in 0..n {
+                s.add_listener(Box::new(Quiet)).expect("add_listener");
+            }
+            Work::Space {
+                space: s,
+                spots: spots(GIB, SPOTS),
+                len: 2 * PAGE_SIZE,
+            }
+        }
         "space_granule" => Work::Space {
             space: space(Strategy::PerGranule, GIB, Some(64 << 10)),
             spots: spots(GIB, SPOTS),
@@ -338,6 +369,8 @@ struct Args {
 const SCENARIOS: &[&str] = &[
     "raw_calls",
     "space_cut",
+    "space_cut_l1",
+    "space_cut_l4",
     "space_granule",
     "tracker_cut",
     "batch_k1_256m",

@@ -77,8 +77,8 @@ pub use plan::ops::ConversionRequest;
 pub use plan::outcome::{ExecError, OpError, Outcome, Stats, TouchedState};
 pub(crate) use space::probe::{probe_cut, probe_cut_on_attach};
 pub use space::{
-    CutSupport, DmaSpace, GuestRegion, MapPath, RegionReport, Revoked, SharedMemory, SpaceError,
-    SpaceOptions, UserAddress,
+    ConversionListener, CutSupport, DmaSpace, GuestRegion, ListenerError, ListenerId, MapPath,
+    RegionReport, Revoked, SharedMemory, SpaceError, SpaceOptions, UserAddress,
 };
 
 /// The advanced tier: the pure planner [`DmaSpace`] runs on, for VMMs that drive their

@@ -127,6 +127,8 @@ pub struct DmaSpace {
     pub(super) compat_refused: Option<String>,
     /// The planner's working memory, reused by every conversion (no allocation per call).
     pub(super) buffers: PlanBuffers,
+    /// Parties told of conversions besides the IOMMU ([`ConversionListener`](crate::dma::ConversionListener)).
+    pub(super) listeners: super::listeners::Listeners,
 }
 
 impl DmaSpace {
@@ -216,6 +218,7 @@ impl DmaSpace {
             kvm_residue: RangeSet::new(),
             compat_refused: None,
             buffers: PlanBuffers::default(),
+            listeners: Default::default(),
         }
     }
 

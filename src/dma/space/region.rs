@@ -267,6 +267,9 @@ impl DmaSpace {
 
     /// Converts many ranges as one plan: all unmaps first, then attributes, then maps.
     pub fn convert_batch(&mut self, requests: &[ConversionRequest]) -> Result<Stats, SpaceError> {
+        if !self.listeners.is_empty() {
+            return self.convert_with_listeners(requests);
+        }
         let plan = self.memory.plan_batch_with(requests, &mut self.buffers)?;
         // The error's context is written only if there is an error.
         self.run(plan, || match requests {

@@ -269,6 +269,37 @@ pub enum SpaceError {
         /// What is wrong and what to do.
         why: String,
     },
+    /// A conversion listener refused to release pages going private
+    /// ([`ConversionListener::release`](crate::dma::ConversionListener::release)): nothing
+    /// was converted, every page is as before, and the listeners that had released were
+    /// granted the pages back.
+    #[error("conversion listener {name:?} did not release GPA {ranges}: {source}; nothing was converted (the pages stay shared)")]
+    ListenerRelease {
+        /// The listener's name.
+        name: String,
+        /// The ranges it was asked to release.
+        ranges: String,
+        /// Its error.
+        #[source]
+        source: crate::dma::ListenerError,
+    },
+    /// A conversion listener could not take shared pages
+    /// ([`ConversionListener::grant`](crate::dma::ConversionListener::grant)). With
+    /// `took_effect`, the conversion to shared happened (KVM and devices see the pages
+    /// shared; the other listeners were granted them) and only this listener does not
+    /// reach them; without, the listener was not registered.
+    #[error("conversion listener {name:?} could not take shared GPA {ranges}: {source}; {}", if *took_effect { "the conversion took effect: the pages are shared and mapped for devices, this listener does not reach them" } else { "the listener was not registered" })]
+    ListenerGrant {
+        /// The listener's name.
+        name: String,
+        /// The ranges it was granted.
+        ranges: String,
+        /// Whether the conversion (or registration) went through regardless.
+        took_effect: bool,
+        /// Its error.
+        #[source]
+        source: crate::dma::ListenerError,
+    },
     /// A refused [`DmaSpace::add_region`](crate::dma::DmaSpace::add_region) whose KVM attributes could not be set back.
     #[error(
         "{source}; and KVM's memory attributes were not restored: GPA {ranges} were {state} \
