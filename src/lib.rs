@@ -24,6 +24,7 @@ pub mod gmem;
 pub mod handoff;
 pub mod iommufd;
 pub mod mapper;
+pub mod peer;
 pub mod probe;
 pub(crate) mod sys;
 pub mod vfio;
