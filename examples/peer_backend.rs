@@ -6,7 +6,7 @@
 //! granted page (16 bytes at the page's start: `b"peer-wr!"` and the page's GPA, little
 //! endian), as a device copying data into guest memory would; on each release it unmaps
 //! the pages and, before answering, proves with the kernel that it can no longer read
-//! them (`BackendMemory::reachable`). After every request it audits every page of every
+//! them (`BackendMemory::reachable`: the kernel copies a byte of the page into a pipe). After every request it audits every page of every
 //! region (reachable iff granted). At the end it prints one JSON line of counts and exits
 //! non-zero if any check failed.
 //!
@@ -61,7 +61,7 @@ fn check(
                 if mem.host_address(gpa).is_none() {
                     continue; // not a page of ours
                 }
-                if mem.reachable(gpa) {
+                if mem.reachable(gpa)? {
                     return Err(fail(format!(
                         "GPA {gpa:#x} is still readable after release"
                     )));

@@ -23,6 +23,10 @@ fn main() {
             guest_driven_conversions_story,
         ),
         (
+            "a_backend_process_lets_go_before_each_conversion",
+            a_backend_process_lets_go_before_each_conversion,
+        ),
+        (
             "not_an_edu_device_is_explained",
             not_an_edu_device_is_explained,
         ),
@@ -33,18 +37,23 @@ fn main() {
 /// scripts/vm-test builds it on the host (`cargo build --examples`); the VM has no
 /// usable toolchain environment, so a missing or stale binary is an error that says so.
 fn reference_vmm() -> Result<PathBuf, Failed> {
+    example("reference_vmm")
+}
+
+/// An example binary (`target/<profile>/examples/NAME`), checked fresh against its sources.
+fn example(name: &str) -> Result<PathBuf, Failed> {
     let exe = std::env::current_exe().or_fail("current_exe")?;
     // target/<profile>/deps/vm_vmm-HASH
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .ok_or("test binary is not in target/<profile>/deps")?;
-    let bin = profile_dir.join("examples/reference_vmm");
+    let bin = profile_dir.join("examples").join(name);
     let build = "build it on the host first: cargo build --examples (scripts/vm-test does)";
     let built = std::fs::metadata(&bin)
         .and_then(|m| m.modified())
         .map_err(|e| format!("{}: {e}; {build}", bin.display()))?;
-    let sources = sources_mtime(&bin)?;
+    let sources = sources_mtime(&bin, name)?;
     check!(
         built >= sources,
         "{} is older than its sources; {build}",
@@ -56,7 +65,7 @@ fn reference_vmm() -> Result<PathBuf, Failed> {
 /// The newest modification time of the files the binary was built from: those cargo's
 /// dep-info (`reference_vmm.d`) lists (a change elsewhere, in the CLI say, does not
 /// rebuild the example), else everything the example could use.
-fn sources_mtime(bin: &Path) -> Result<SystemTime, Failed> {
+fn sources_mtime(bin: &Path, name: &str) -> Result<SystemTime, Failed> {
     if let Ok(dep) = std::fs::read_to_string(bin.with_extension("d")) {
         let deps = dep.lines().next().and_then(|l| l.split_once(": "));
         if let Some((_, files)) = deps {
@@ -68,7 +77,13 @@ fn sources_mtime(bin: &Path) -> Result<SystemTime, Failed> {
         }
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    Ok(newest_mtime(&root.join("examples/reference_vmm"))?
+    let example = root.join("examples").join(name);
+    let example = if example.is_dir() {
+        example
+    } else {
+        example.with_extension("rs")
+    };
+    Ok(newest_mtime(&example)?
         .max(newest_mtime(&root.join("src"))?)
         .max(newest_mtime(&root.join("Cargo.toml"))?))
 }
@@ -186,6 +201,56 @@ fn guest_driven_conversions_story() -> Result<(), Failed> {
             "no DMAR fault logged for the refused write: {refused}"
         );
     }
+    Ok(())
+}
+
+/// The same guest with a backend process (examples/peer_backend) mapping guest memory
+/// itself: it releases before the IOMMU unmap, is granted after the map, and after every
+/// conversion its /proc/pid/maps holds exactly the shared pages; its own checks (released
+/// pages unreadable before it answers, reachable iff granted after every request) pass.
+fn a_backend_process_lets_go_before_each_conversion() -> Result<(), Failed> {
+    let backend = example("peer_backend")?;
+    let (out, stdout) = run(&["--peer", backend.to_str().ok_or("path")?])?;
+    let lines: Vec<&str> = stdout.lines().collect();
+    check!(
+        out.status.success(),
+        "reference_vmm exited with {}",
+        out.status
+    );
+    check!(
+        !lines.iter().any(|l| l.contains("FAILED")),
+        "a check failed"
+    );
+    in_order(
+        &lines,
+        &[
+            "setup    backend process",
+            "check    ok: B holds the guest's pattern from A",
+            "convert  GPA [0x4000, +0x1000) to private",
+            "listener backend released GPA [0x4000, +0x1000)",
+            "kernel   IOMMU unmap (Cut) IOVA [0x100004000, +0x1000)",
+            "kernel   KVM attributes GPA [0x4000, +0x1000) private",
+            "kernel   discard shared backing GPA [0x4000, +0x1000)",
+            "check    ok: order: the backend released the pages before the IOMMU unmap",
+            "check    ok: the backend maps exactly the shared pages (GPA [0x0, +0x4000) GPA [0x5000, +0x4000);",
+            "dma      device → A (iova 0x100004000) while private: refused, memory unchanged",
+            "convert  GPA [0x4000, +0x1000) to shared",
+            "kernel   KVM attributes GPA [0x4000, +0x1000) shared",
+            "kernel   IOMMU map IOVA [0x100004000, +0x1000)",
+            "listener backend granted GPA [0x4000, +0x1000)",
+            "check    ok: order: the backend was granted the pages after the IOMMU map",
+            "check    ok: the backend maps exactly the shared pages (GPA [0x0, +0x9000);",
+            "dma      device → A (iova 0x100004000) while shared: written",
+            "convert  GPA [0x8000, +0x1000) to private",
+            "listener backend released GPA [0x8000, +0x1000)",
+            "check    ok: the backend maps exactly the shared pages (GPA [0x0, +0x8000);",
+            "exit     memory-fault gpa=0x8000",
+            "listener backend granted GPA [0x8000, +0x1000)",
+            "exit     hlt",
+            "backend  {\"requests\":",
+            "check    ok: the backend exited with exit status: 0",
+        ],
+    )?;
     Ok(())
 }
 

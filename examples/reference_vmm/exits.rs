@@ -61,6 +61,8 @@ pub struct Vmm {
     pub memory_faults: usize,
     pub doorbells: usize,
     pub last_fault: Option<u64>,
+    /// `--peer`: the backend process registered as a conversion listener.
+    pub backend: Option<crate::peer::Backend>,
 }
 
 impl Vmm {
@@ -222,6 +224,20 @@ impl Vmm {
                 "order: KVM attributes, then IOMMU map",
             ),
         }
+        if let Some(backend) = &self.backend {
+            let (released, granted) = (first("backend released"), first("backend granted"));
+            match to {
+                PageState::Private => self.story.check(
+                    released.is_some() && released < unmap && granted.is_none(),
+                    "order: the backend released the pages before the IOMMU unmap (so before KVM attributes and discard)",
+                ),
+                PageState::Shared => self.story.check(
+                    map.is_some() && map < granted && released.is_none(),
+                    "order: the backend was granted the pages after the IOMMU map",
+                ),
+            }
+            backend.check_in_step(&self.space, &mut self.story);
+        }
         Ok(())
     }
 
@@ -296,6 +312,9 @@ impl Vmm {
     }
 
     pub fn finish(mut self) -> usize {
+        if let Some(backend) = self.backend.take() {
+            backend.finish(&mut self.space, &mut self.story);
+        }
         let counts = (
             self.hypercalls,
             self.memory_faults,

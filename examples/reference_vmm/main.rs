@@ -25,6 +25,7 @@ mod edu;
 mod exits;
 mod guest;
 mod handoff;
+mod peer;
 mod trace;
 mod vm;
 
@@ -48,6 +49,8 @@ struct Opts {
     wait: bool,
     /// Skip the locked-memory check (the kernel's own refusal is then what fails).
     no_memlock_check: bool,
+    /// Start this backend binary (`examples/peer_backend`) as a conversion listener.
+    peer: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +68,10 @@ fn main() -> ExitCode {
                 opts.handoff = args.next();
                 continue;
             }
+            "--peer" => {
+                opts.peer = args.next();
+                continue;
+            }
             "--wait-before-run" => {
                 opts.wait = true;
                 continue;
@@ -75,8 +82,8 @@ fn main() -> ExitCode {
             }
             "-h" | "--help" => {
                 println!(
-                    "usage: reference_vmm [--device BDF] [--print-guest] [--handoff SOCKET \
-                     [--wait-before-run] [--no-memlock-check]]"
+                    "usage: reference_vmm [--device BDF] [--print-guest] [--peer BACKEND_BINARY] \
+                     [--handoff SOCKET [--wait-before-run] [--no-memlock-check]]"
                 );
                 return ExitCode::SUCCESS;
             }
@@ -241,6 +248,12 @@ fn run(
         ),
     );
 
+    // 4b. Optionally, a backend process that maps guest memory itself.
+    let backend = match &opts.peer {
+        Some(bin) => Some(peer::start(bin, &mut space, &vm, &story)?),
+        None => None,
+    };
+
     // 5. The vCPU.
     let mut vcpu = vm::load_and_create_vcpu(&mut vm, code)?;
     story.line(
@@ -267,6 +280,7 @@ fn run(
         memory_faults: 0,
         doorbells: 0,
         last_fault: None,
+        backend,
     };
     for _ in 0..200 {
         let exit = match vcpu.run() {

@@ -45,3 +45,9 @@ pub fn install() {
 pub fn take() -> Vec<String> {
     std::mem::take(&mut *CALLS.lock().unwrap())
 }
+
+/// Records a call the VMM itself made (a listener's), in order with the kernel's.
+pub fn note(call: String) {
+    println!("{:<8} {call}", "listener");
+    CALLS.lock().unwrap().push(call);
+}

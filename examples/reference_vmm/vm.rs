@@ -21,6 +21,8 @@ use vfio_gmem::gmem::{GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType}
 
 use crate::guest::{CODE, KVM_HC_MAP_GPA_RANGE, STACK, WINDOW};
 
+/// The shared memfd's name (a backend's `/proc/<pid>/maps` shows `/memfd:<name>`).
+pub const SHARED_NAME: &str = "reference-vmm-shared";
 /// RAM with a private backing.
 pub const RAM: u64 = WINDOW;
 /// The window without one.
@@ -85,8 +87,8 @@ pub fn create(kvm: Option<&Kvm>) -> Result<Vm, String> {
     let gmem = vm
         .create_guest_memfd(RAM, GmemFlags::empty())
         .map_err(|e| format!("creating the guest_memfd: {e}"))?;
-    let shared = Memfd::new("reference-vmm-shared", TOTAL)
-        .map_err(|e| format!("creating the shared memfd: {e}"))?;
+    let shared =
+        Memfd::new(SHARED_NAME, TOTAL).map_err(|e| format!("creating the shared memfd: {e}"))?;
     let view = shared
         .mmap()
         .map_err(|e| format!("mapping the shared memfd: {e}"))?;

@@ -7,7 +7,7 @@
 //! kernel has removed them from this process's page tables when `mmap` returns).
 
 use std::ops::Range;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 
 use super::error::PeerError;
@@ -384,27 +384,33 @@ impl BackendMemory {
         Ok(())
     }
 
-    /// Whether this process can read the page at `gpa` at all, asked of the kernel
-    /// (`process_vm_readv` on itself, which faults in the page like an access would and
-    /// fails with `EFAULT` where nothing readable is mapped), whatever this struct records.
-    pub fn reachable(&self, gpa: u64) -> bool {
+    /// Whether this process can read the page at `gpa` at all, asked of the kernel: one
+    /// byte of it is written into a pipe, which the kernel copies from this process's
+    /// memory like an access would (`EFAULT` where nothing readable is mapped), whatever
+    /// this struct records. Works on any kernel (no `process_vm_readv`, which minimal
+    /// kernels leave out). `Ok(false)` also for a GPA in no region.
+    pub fn reachable(&self, gpa: u64) -> std::io::Result<bool> {
         let Some(addr) = self.host_address(gpa) else {
-            return false;
+            return Ok(false);
         };
-        let mut byte = 0u8;
-        let local = libc::iovec {
-            iov_base: (&mut byte as *mut u8).cast(),
-            iov_len: 1,
-        };
-        let remote = libc::iovec {
-            iov_base: addr as *mut libc::c_void,
-            iov_len: 1,
-        };
-        // SAFETY: the kernel writes one byte into `byte` and only reads `remote` through
-        // its own checked access to this process's memory (a fault there is an error
-        // return, not a signal).
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        n == 1
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two fds into the two-element array.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: both fds are new and owned here only; OwnedFd closes them.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: write(2) only reads the one byte at `addr`, through the kernel's checked
+        // copy: an unmapped or no-access page is an EFAULT return, not a fault here.
+        let n = unsafe { libc::write(w.as_raw_fd(), addr as *const libc::c_void, 1) };
+        drop((r, w));
+        match n {
+            1 => Ok(true),
+            _ => match std::io::Error::last_os_error() {
+                e if e.raw_os_error() == Some(libc::EFAULT) => Ok(false),
+                e => Err(e),
+            },
+        }
     }
 
     /// The pages where what the kernel says this process reaches ([`reachable`]) differs
@@ -416,7 +422,8 @@ impl BackendMemory {
         let mut wrong = crate::dma::planning::RangeSet::new();
         for r in &self.regions {
             for gpa in (r.gpa..r.gpa + r.size).step_by(PAGE as usize) {
-                if self.reachable(gpa) != r.granted.contains_range(gpa..gpa + PAGE) {
+                let granted = r.granted.contains_range(gpa..gpa + PAGE);
+                if self.reachable(gpa).ok() != Some(granted) {
                     wrong.insert(gpa..gpa + PAGE);
                 }
             }
