@@ -480,13 +480,22 @@ fn partition_holder_and_swap_are_traced_to_the_disk() -> Result<(), Failed> {
         );
         sh(&format!("swapoff /dev/{p}"))?;
         r?;
-        // With nothing left on it, list offers it.
-        let rows = list()?;
-        let r = row(&rows, &d.bdf)?;
-        check!(
-            r["status"] == "assignable" && r["host_uses"] == serde_json::json!([]),
-            "{r}"
-        );
+        // With nothing left on it, list offers it: once udev's worker, which probes the
+        // partition after swapoff (a change event), has let go of it (seen open by
+        // (udev-worker) in one run under virtio-iommu).
+        let _ = sh("udevadm settle --timeout=10");
+        let mut last = serde_json::Value::Null;
+        wait_for("list to offer the disk", || {
+            let r = list()
+                .ok()
+                .and_then(|rows| row(&rows, &d.bdf).ok().cloned());
+            let ok = r.as_ref().is_some_and(|r| {
+                r["status"] == "assignable" && r["host_uses"] == serde_json::json!([])
+            });
+            last = r.unwrap_or_default();
+            ok
+        })
+        .map_err(|e| format!("{}; last row: {last}", e.message().unwrap_or_default()))?;
         Ok(())
     })();
     clean();
