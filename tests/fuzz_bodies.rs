@@ -104,6 +104,14 @@ fn control_parser_corpus_passes() {
 }
 
 #[test]
+fn peer_wire_corpus_passes() {
+    for (path, data) in corpus("peer_wire") {
+        catch_unwind(|| parsers::peer_wire(&data))
+            .unwrap_or_else(|_| panic!("{} fails", path.display()));
+    }
+}
+
+#[test]
 fn sizes_corpus_passes() {
     for (path, data) in corpus("sizes") {
         catch_unwind(|| parsers::sizes(&data))
@@ -126,6 +134,11 @@ proptest! {
     #[test]
     fn control_parser_random_inputs(data in prop::collection::vec(any::<u8>(), 0..256)) {
         parsers::control_lines(&data);
+    }
+
+    #[test]
+    fn peer_wire_random_inputs(data in prop::collection::vec(any::<u8>(), 0..96)) {
+        parsers::peer_wire(&data);
     }
 
     #[test]
