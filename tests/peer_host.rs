@@ -33,6 +33,7 @@ struct Setup {
     child: Child,
     memfd: Memfd,
     name: String,
+    reaper: Reaper,
 }
 
 fn backend_binary() -> std::path::PathBuf {
@@ -71,12 +72,14 @@ fn setup(tag: &str) -> Setup {
     peer.set_timeout(Duration::from_secs(10));
     peer.add_region(GPA, LEN, memfd.file().as_fd(), 0).unwrap();
     space.add_listener(Box::new(peer.clone())).unwrap();
+    let reaper = Reaper(Some(child.id() as i32));
     Setup {
         space,
         peer,
         child,
         memfd,
         name,
+        reaper,
     }
 }
 
@@ -128,14 +131,33 @@ fn clear_marks(s: &Setup) {
         .unwrap();
 }
 
+/// Kills the backend when dropped: a test that fails halfway must not leave a stopped
+/// backend behind, which would hold the test's stderr (and whatever reads it) open.
+struct Reaper(Option<i32>);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) takes a pid and a signal number, no memory. The child is not
+        // reaped while armed (whoever reaps it disarms the reaper first).
+        if let Some(pid) = self.0 {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Closes the connection and returns the backend's final JSON line and exit status.
 fn finish(s: Setup) -> (String, std::process::ExitStatus) {
     let Setup {
-        space, peer, child, ..
+        space,
+        peer,
+        child,
+        mut reaper,
+        ..
     } = s;
     drop(space);
     drop(peer);
     let out = child.wait_with_output().unwrap();
+    reaper.0 = None; // reaped: its pid may be reused
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
         out.status,
@@ -195,6 +217,25 @@ fn the_backend_reaches_exactly_the_shared_pages() {
     assert!(json.contains("\"failures\":0"), "{json}");
 }
 
+/// Waits until the kernel reports `pid` stopped (state `T` in `/proc/<pid>/stat`):
+/// `kill(SIGSTOP)` returns before the stop takes effect.
+fn wait_until_stopped(pid: i32) {
+    let t = std::time::Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        // The state follows the parenthesized command name.
+        let state = stat.rsplit(')').next().unwrap().split_whitespace().next();
+        if state == Some("T") {
+            return;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "{pid} never stopped: {stat}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
 fn a_stopped_backend_times_out_and_nothing_changes() {
     let mut s = setup("stopped");
@@ -202,14 +243,16 @@ fn a_stopped_backend_times_out_and_nothing_changes() {
     let pid = s.child.id() as i32;
     // SAFETY: kill(2) with a signal number; no memory is passed.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    wait_until_stopped(pid);
     let t = std::time::Instant::now();
     let err = s
         .space
         .convert(GPA, 0x4000, PageState::Private, true)
         .unwrap_err();
+    let waited = t.elapsed();
     assert!(
-        t.elapsed() >= Duration::from_millis(300),
-        "waited the timeout"
+        waited >= Duration::from_millis(300),
+        "returned after {waited:?}, before the timeout: {err:?}"
     );
     match &err {
         SpaceError::ListenerRelease { name, source, .. } => {
@@ -244,6 +287,7 @@ fn a_killed_backend_refuses_the_next_conversion_to_private() {
     let mut s = setup("killed");
     s.child.kill().unwrap();
     s.child.wait().unwrap();
+    s.reaper.0 = None; // reaped: its pid may be reused
     let err = s
         .space
         .convert(GPA + 0x1000, P, PageState::Private, false)

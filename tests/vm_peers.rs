@@ -145,6 +145,21 @@ fn a_stopped_backend_times_out_and_the_page_stays_mapped() -> Result<(), Failed>
     let pid = child.id() as i32;
     // SAFETY: kill(2) takes a pid and a signal number, no memory.
     check!(unsafe { libc::kill(pid, libc::SIGSTOP) } == 0, "SIGSTOP");
+    // kill(2) returns before the stop takes effect: wait for state T.
+    let t = Instant::now();
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).or_fail("stat")?;
+        if stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            == Some("T")
+        {
+            break;
+        }
+        check!(t.elapsed() < Duration::from_secs(10), "{pid} never stopped");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let t = Instant::now();
     let r = refused_and_still_mapped(&mut c, 5, |e| matches!(e, PeerError::Timeout { .. }));
     let waited = t.elapsed();

@@ -517,7 +517,10 @@ pub fn peer_wire(data: &[u8]) {
     let mut buf = Vec::new();
     msg.encode(&mut buf);
     assert!(buf.len() <= MAX_MESSAGE, "{} bytes", buf.len());
-    assert_eq!(Message::decode(&buf).expect("re-encoded message decodes"), msg);
+    assert_eq!(
+        Message::decode(&buf).expect("re-encoded message decodes"),
+        msg
+    );
     // A well-formed input is the canonical encoding except for padding and the
     // need-reply flag, so the lengths agree.
     assert_eq!(buf.len(), data.len(), "{msg:?}");

@@ -130,7 +130,9 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Re
     let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let ms = left.as_millis().min(i32::MAX as u128) as i32;
+        // Rounded up: poll(2) takes whole milliseconds, and a truncated wait would end
+        // before the deadline.
+        let ms = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32;
         let mut p = libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -138,7 +140,8 @@ pub fn wait_readable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> io::Re
         };
         // SAFETY: poll reads and writes the one pollfd passed, which lives on this frame.
         match cvt(unsafe { libc::poll(&mut p, 1, ms) }) {
-            Ok(0) => return Ok(false),
+            Ok(0) if std::time::Instant::now() >= deadline => return Ok(false),
+            Ok(0) => continue,
             Ok(_) => return Ok(true),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
