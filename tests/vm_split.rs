@@ -12,10 +12,12 @@
 mod support;
 
 use libtest_mimic::Failed;
-use support::space::{arc_vm, dma_refused, dma_works, dup, round_trip, space_with_edu, GPA};
+use support::space::{
+    confidential_on, dma_refused, dma_works, round_trip, space_with_edu, Confidential, GPA,
+};
 use support::{pci, run_vm_tests, OrFail};
-use vfio_gmem::dma::{CutSupport, DmaSpace, GuestRegion, PageState, SharedMemory, SpaceOptions};
-use vfio_gmem::gmem::{GmemFlags, MappedMemory, Memfd, VmType};
+use vfio_gmem::dma::{CutSupport, PageState, SpaceOptions};
+use vfio_gmem::gmem::Memfd;
 
 const PAGE: u64 = 4096;
 const HUGE: u64 = 2 << 20;
@@ -66,44 +68,13 @@ impl Drop for HugePages {
     }
 }
 
-/// A SW_PROTECTED VM's convertible region of `len` bytes backed by a 2 MiB hugetlb memfd,
-/// every page shared, in a space with the edu device.
-struct HugeRegion {
-    space: DmaSpace,
-    edu: vfio_gmem::engine::edu::Edu,
-    view: MappedMemory,
-    _shared: Memfd,
-    _private: vfio_gmem::gmem::GuestMemfd,
-}
+/// A confidential region of `len` bytes whose shared backing is a hugetlb memfd (2 MiB
+/// pages), every page shared, in a space with the edu device.
+type HugeRegion = Confidential;
 
 fn huge_region(len: u64, options: SpaceOptions) -> Result<HugeRegion, Failed> {
-    let vm = arc_vm(VmType::SwProtected)?;
-    let private = vm
-        .create_guest_memfd(len, GmemFlags::MMAP)
-        .or_fail("private gmem")?;
     let shared = Memfd::hugetlb("vm-split", len).or_fail("hugetlb memfd")?;
-    let view = shared.mmap().or_fail("mmap")?;
-    let (mut space, edu) = space_with_edu(Some(vm), options)?;
-    space
-        .add_region(
-            GuestRegion::new(
-                GPA,
-                len,
-                SharedMemory::File {
-                    fd: dup(shared.file())?,
-                    offset: 0,
-                },
-            )
-            .convertible(PageState::Shared),
-        )
-        .or_fail("add region")?;
-    Ok(HugeRegion {
-        space,
-        edu,
-        view,
-        _shared: shared,
-        _private: private,
-    })
+    confidential_on(options, shared)
 }
 
 fn cut_mechanism_matches_kernel_and_iommu() -> Result<(), Failed> {

@@ -63,11 +63,18 @@ pub struct Confidential {
 /// SW_PROTECTED VM: gmem private backing, memfd shared backing, real attributes; one
 /// convertible region of `len` bytes at [`GPA`], every page shared.
 pub fn confidential(options: SpaceOptions, len: u64) -> Result<Confidential, Failed> {
+    let shared = Memfd::new("vm-dma-shared", len).or_fail("memfd")?;
+    confidential_on(options, shared)
+}
+
+/// [`confidential`] with the caller's shared backing (e.g. a hugetlb memfd), its whole
+/// length one region.
+pub fn confidential_on(options: SpaceOptions, shared: Memfd) -> Result<Confidential, Failed> {
+    let len = shared.size();
     let vm = arc_vm(VmType::SwProtected)?;
     let private = vm
         .create_guest_memfd(len, GmemFlags::MMAP)
         .or_fail("private gmem")?;
-    let shared = Memfd::new("vm-dma-shared", len).or_fail("memfd")?;
     let view = shared.mmap().or_fail("mmap")?;
     let (mut space, edu) = space_with_edu(Some(vm), options)?;
     space
