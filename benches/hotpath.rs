@@ -345,6 +345,13 @@ fn hotpath_measured(work: &mut Work, rounds: u64) -> u64 {
 
 /// Child mode: set up, count, print one JSON line.
 fn child(name: &str, rounds: u64) {
+    // glibc raises its mmap threshold after freeing a large mmapped block, so from the
+    // second registration on a 2 MiB bitmap would come from the heap and be zeroed by a
+    // memset that the first one (fresh mmap, zero already) did not need: the count would
+    // depend on allocation history. A fixed threshold keeps every large block mmapped.
+    // SAFETY: mallopt only sets an allocator parameter; called before any counting, with
+    // a valid parameter and value.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10) };
     let (mut work, _) = setup(name);
     let before = ALLOCS.load(Relaxed);
     let ops = hotpath_measured(&mut work, rounds);

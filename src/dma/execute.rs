@@ -56,6 +56,9 @@ pub fn execute<E: Executor + ?Sized>(plan: &Plan, exec: &mut E) -> Result<Stats,
             return Err(run.roll_back(plan, k, error));
         }
     }
+    if first_discard == ops.len() {
+        return Ok(run.stats);
+    }
     let mut failed: Option<(usize, OpError)> = None;
     let mut not_discarded = RangeSet::new();
     let mut applied_discards = Vec::new();

@@ -71,7 +71,15 @@ impl Tracker {
 
     /// The region containing `gpa`.
     pub fn region_at(&self, gpa: u64) -> Option<&Region> {
-        // A guest has a handful of regions: a scan beats the B-tree's range search.
+        // A guest has a handful of regions: a scan beats the B-tree's range search, and
+        // one region needs no iterator at all.
+        if self.regions.len() == 1 {
+            return self
+                .regions
+                .first_key_value()
+                .map(|(_, r)| r)
+                .filter(|r| r.spec.gpa <= gpa && gpa < r.spec.gpa + r.spec.len);
+        }
         if self.regions.len() <= 4 {
             return self
                 .regions
@@ -161,18 +169,22 @@ impl Tracker {
     }
 
     fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool) {
-        let mut registered = None;
-        if let RegionChange::Register(r) = change.clone() {
-            registered = Some(r.id);
-            self.next_id = self.next_id.max(r.id.0 + 1);
-            self.regions.insert(r.spec.gpa, *r);
+        let (mut registered, mut deregistered) = (None, None);
+        match change {
+            RegionChange::Register(r) => {
+                registered = Some(r.id);
+                self.next_id = self.next_id.max(r.id.0 + 1);
+                self.regions.insert(r.spec.gpa, *r);
+            }
+            RegionChange::Deregister(id) => deregistered = Some(id),
+            RegionChange::None => {}
         }
         for op in ops {
             self.apply_op(op);
         }
-        let drop_region = match change {
-            RegionChange::Register(_) if !complete => registered.filter(|&id| !self.has_areas(id)),
-            RegionChange::Deregister(id) if complete || !self.has_areas(id) => Some(id),
+        let drop_region = match (registered, deregistered) {
+            (Some(id), _) if !complete => Some(id).filter(|&id| !self.has_areas(id)),
+            (_, Some(id)) if complete || !self.has_areas(id) => Some(id),
             _ => None,
         };
         if let Some(id) = drop_region {
@@ -272,6 +284,10 @@ impl Tracker {
                     offset: whole.offset + (r.end - whole.iova),
                 };
                 self.areas.insert(right.iova, right);
+            }
+            if whole.iova <= r.start {
+                // Nothing below this area reaches into `r`: no need to look again.
+                break;
             }
         }
     }
