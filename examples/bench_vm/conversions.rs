@@ -24,7 +24,7 @@ pub struct ConvRow {
 }
 
 impl ConvRow {
-    fn json(&self) -> Value {
+    pub fn json(&self) -> Value {
         json!({
             "name": self.name, "iommu_ioctls": self.iommu_ioctls, "maps": self.maps,
             "unmaps": self.unmaps, "peak_areas": self.peak_areas,

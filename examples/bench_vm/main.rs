@@ -7,12 +7,15 @@
 //! scripts/vm-run -- target/release/examples/bench_vm --smoke
 //! ```
 //!
-//! Options: `--smoke` (tiny sizes), `--rounds N` (overhead), `--conv-rounds N`, `--steps N`, `--only SECTIONS`,
+//! Options: `--smoke` (tiny sizes), `--rounds N` (overhead), `--conv-rounds N`, `--steps N`,
+//! `--paired-rounds N`, `--paired-steps N`, `--only SECTIONS`,
 //! `--json PATH` (write results), `--json-stdout` (print them between markers).
 //!
 //! Sections (`--only a,b`): `overhead` (library vs raw ioctl loop, per mapping path and
 //! area size), `conversions` (churn: library cut, raw per-page baseline, library forced
-//! per-granule), `setup` (1 GiB non-convertible gmem guest, one area vs per page).
+//! per-granule), `setup` (1 GiB non-convertible gmem guest, one area vs per page),
+//! `paired` (library cut and per-granule against raw replays of the ioctls they issue,
+//! and the raw per-page loop: 9 paired rounds of 1000 conversions).
 //! Absolute times under TCG mean little; the ratios within one run are the result.
 //!
 //! Every baseline is written here on the raw oracle (`tests/support/raw.rs`: the same
@@ -43,12 +46,14 @@ mod workload;
 mod conversions;
 mod devices;
 mod overhead;
+mod paired;
 mod raw_loops;
 mod report;
 mod setup;
 use conversions::*;
 use devices::*;
 use overhead::*;
+use paired::*;
 use raw_loops::*;
 use report::*;
 use setup::*;
@@ -75,6 +80,9 @@ struct Sizes {
     conv: Shape,
     conv_rounds: usize,
     setup: u64,
+    /// The `paired` section's workload and rounds.
+    paired: Shape,
+    paired_rounds: usize,
 }
 
 fn main() {
@@ -93,6 +101,8 @@ fn main() {
             conv: Shape::smoke(),
             conv_rounds: 1,
             setup: 16 * MIB,
+            paired: Shape::smoke(),
+            paired_rounds: 1,
         }
     } else {
         Sizes {
@@ -101,6 +111,8 @@ fn main() {
             conv: Shape::full(2000),
             conv_rounds: 3,
             setup: GIB,
+            paired: Shape::full(1000),
+            paired_rounds: 9,
         }
     };
     if let Some(r) = opt("--rounds").and_then(|s| s.parse().ok()) {
@@ -112,7 +124,13 @@ fn main() {
     if let Some(n) = opt("--steps").and_then(|s| s.parse().ok()) {
         sz.conv.steps = n;
     }
-    let only = opt("--only").unwrap_or_else(|| "overhead,conversions,setup".into());
+    if let Some(r) = opt("--paired-rounds").and_then(|s| s.parse().ok()) {
+        sz.paired_rounds = r;
+    }
+    if let Some(n) = opt("--paired-steps").and_then(|s| s.parse().ok()) {
+        sz.paired.steps = n;
+    }
+    let only = opt("--only").unwrap_or_else(|| "overhead,conversions,paired,setup".into());
     let want = |s: &str| only.split(',').any(|x| x == s);
 
     let run = || -> Res<Value> {
@@ -133,6 +151,10 @@ fn main() {
         if want("conversions") {
             eprintln!("bench_vm: conversions");
             out["conversions"] = conversions(&edus, &sz)?;
+        }
+        if want("paired") {
+            eprintln!("bench_vm: paired rounds against raw replays");
+            out["paired"] = paired(&edus, &sz)?;
         }
         if want("setup") {
             eprintln!("bench_vm: whole-guest setup");

@@ -48,6 +48,32 @@ pub fn print_tables(v: &Value) {
             );
         }
     }
+    let p = &v["paired"];
+    if p.is_object() {
+        println!(
+            "\n## Paired rounds (IOMMU: {iommu}; {} steps on {}, step by step, {} rounds; ratio = library / raw)",
+            p["steps"],
+            size(p["region_bytes"].as_u64().unwrap_or(0)),
+            p["rounds"],
+        );
+        println!(
+            "{:<40} {:>8} {:>8} {:>8} {:>9} {:>9}",
+            "pair", "median", "min", "max", "lib ioctl", "raw ioctl"
+        );
+        if let Some(pairs) = p["pairs"].as_object() {
+            for (name, x) in pairs {
+                let r = &x["ratio"];
+                println!(
+                    "{name:<40} {:>8.3} {:>8.3} {:>8.3} {:>9} {:>9}",
+                    r["median"].as_f64().unwrap_or(f64::NAN),
+                    r["min"].as_f64().unwrap_or(f64::NAN),
+                    r["max"].as_f64().unwrap_or(f64::NAN),
+                    x["library_ioctls"],
+                    x["raw_ioctls"]
+                );
+            }
+        }
+    }
     let c = &v["conversions"];
     if c.is_object() {
         println!(

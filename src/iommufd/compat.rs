@@ -174,13 +174,9 @@ impl Ioas {
         // but the record must learn the new boundary or it no longer equals the kernel
         // (found by fail-nth injection, tests/vm_faults.rs). Each cut this call needed is
         // checked after a failure.
-        let cuts: Vec<u64> = [last.checked_add(1), Some(iova)]
-            .into_iter()
-            .flatten()
-            .filter(|&at| areas.straddles(at))
-            .collect();
+        let cuts = [last.checked_add(1), Some(iova)].map(|c| c.filter(|&at| areas.straddles(at)));
         if let Err(e) = sys::ioctl_mut(self.iommufd().as_fd(), sys::VFIO_IOMMU_UNMAP_DMA, &mut u) {
-            for at in cuts {
+            for at in cuts.into_iter().flatten() {
                 match self.boundary_at(at) {
                     Ok(true) => areas.cut_before(at),
                     Ok(false) => {}
