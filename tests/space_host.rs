@@ -16,7 +16,7 @@ use vfio_gmem::dma::{
     ConversionRequest, DmaSpace, Executor, FakeKernel, GuestRegion, Outcome, PageState, PlanError,
     RegionId, SharedMemory, SpaceError, SpaceOptions, Strategy, PAGE_SIZE,
 };
-use vfio_gmem::gmem::Memfd;
+use vfio_gmem::gmem::{HugePageSize, Memfd};
 use vfio_gmem::mapper::{Access, Backend, DmaMapper, Iova, MapError};
 
 const P: u64 = PAGE_SIZE;
@@ -281,6 +281,26 @@ fn bad_regions_change_nothing() {
         s.add_region(GuestRegion::new(far + 0x800, P, file(&mem, 0)))
     });
     assert!(e.to_string().contains("not a multiple of 4 KiB"), "{e}");
+    // A hugetlb memfd (creating and sizing one takes no huge page): regions must be whole
+    // huge pages, of the size the file says.
+    for (page, len) in [
+        (HugePageSize::Size2M, 4 << 20),
+        (HugePageSize::Size1G, 1 << 30),
+    ] {
+        let huge = Memfd::hugetlb_sized("space-host-huge", len, page).unwrap();
+        assert_eq!(huge.page_size(), page.bytes());
+        for (off, rlen) in [(0, page.bytes() / 2), (page.bytes() / 2, page.bytes() / 2)] {
+            let e = refused(&mut f, "partial huge page", |s| {
+                s.add_region(GuestRegion::new(far, rlen, file(huge.file(), off)))
+            });
+            assert!(
+                matches!(&e, SpaceError::BadRegion { why, .. }
+                    if why.contains(&format!("the hugetlbfs file has {page} pages"))
+                        && why.contains("round the region to whole huge pages")),
+                "{e}"
+            );
+        }
+    }
     let e = refused(&mut f, "bad granule", |s| {
         s.add_region(
             GuestRegion::new(far, 12 * P, file(&mem, 0))

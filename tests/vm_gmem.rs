@@ -398,7 +398,8 @@ fn hugetlb() -> Result<(), Failed> {
         println!("hugetlb mmap without reserved pages: {e}");
         check!(
             matches!(e, GmemError::NoHugePages { .. })
-                && e.to_string().contains("echo N > /proc/sys/vm/nr_hugepages"),
+                && e.to_string()
+                    .contains("echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages"),
             "{e}"
         );
         let e = mem.allocate(0, size).unwrap_err();

@@ -181,26 +181,7 @@ fn hugetlb_conversions_keep_neighbours_reachable() -> Result<(), Failed> {
     Ok(())
 }
 
-/// Leaf IOPTEs by size (4 KiB, 2 MiB, 1 GiB) of the domain attached to `bdf`, from VT-d's
-/// debugfs page table dump: one line per leaf, its entries along the walk after `|`
-/// (3 for a 1 GiB leaf of a 4-level table, 4 for 2 MiB, 5 for 4 KiB).
-pub fn vtd_leaves(bdf: &str) -> Result<[u64; 3], Failed> {
-    let path = format!("/sys/kernel/debug/iommu/intel/{bdf}/domain_translation_struct");
-    let dump = std::fs::read_to_string(&path).or_fail(&path)?;
-    let mut n = [0u64; 3];
-    for line in dump.lines() {
-        let Some((_, walk)) = line.split_once('|') else {
-            continue;
-        };
-        match walk.split_whitespace().count() {
-            3 => n[2] += 1,
-            4 => n[1] += 1,
-            5 => n[0] += 1,
-            _ => {}
-        }
-    }
-    Ok(n)
-}
+use support::vtd::leaves as vtd_leaves;
 
 fn vtd_leaf_iopte_sizes() -> Result<(), Failed> {
     if iommu() != "intel" || !patched_kernel() {

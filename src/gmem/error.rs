@@ -72,16 +72,32 @@ pub enum GmemError {
         flags: Option<GmemFlags>,
     },
 
-    /// The 2 MiB huge page pool cannot back a hugetlb memfd.
-    #[error("no free 2 MiB huge pages for {what} ({pages} needed): {source}; reserve them with `echo N > /proc/sys/vm/nr_hugepages` (N = the pages others use + {pages}; now {nr_hugepages})")]
+    /// The pool of the hugetlb memfd's huge page size (2 MiB, 1 GiB...) has too few free
+    /// pages to back it.
+    #[error("no free {} huge pages for {what} ({pages} needed): {source}; reserve them with `echo N > {}` (N = the pages others use + {pages}; now {nr_hugepages}){}", human_page_size(*.page_size), super::fdops::nr_hugepages_path(*.page_size), boot_hint(*.page_size, *.pages))]
     NoHugePages {
         /// The object and operation.
         what: String,
-        /// Huge pages the operation needs.
+        /// The huge page size of the file (from the file itself: hugetlbfs's block size).
+        page_size: u64,
+        /// Huge pages of that size the operation needs.
         pages: u64,
-        /// Current content of `/proc/sys/vm/nr_hugepages`.
+        /// Current size of that page size's pool, from
+        /// `/sys/kernel/mm/hugepages/hugepages-<N>kB/nr_hugepages`.
         nr_hugepages: String,
         /// The OS error (ENOMEM from mmap, ENOSPC from fallocate).
+        source: io::Error,
+    },
+
+    /// The kernel has no pool of the asked huge page size (`memfd_create` answered
+    /// `ENODEV`: e.g. 1 GiB pages on a CPU without `pdpe1gb`).
+    #[error("memfd_create of {what} with {} huge pages failed: {source}; this kernel has no {} huge page pool ({} does not exist{}); use a size it has (see /sys/kernel/mm/hugepages/)", human_page_size(*.page_size), human_page_size(*.page_size), super::fdops::nr_hugepages_path(*.page_size), if *.page_size >= 1 << 30 { ": 1 GiB pages need a CPU with pdpe1gb (x86 gbpages)" } else { "" })]
+    NoHugePageSize {
+        /// The memfd.
+        what: String,
+        /// The size asked for.
+        page_size: u64,
+        /// The OS error (`ENODEV`).
         source: io::Error,
     },
 
@@ -130,6 +146,7 @@ impl GmemError {
             GmemError::OpenKvm { source }
             | GmemError::CreateVm { source, .. }
             | GmemError::NoHugePages { source, .. }
+            | GmemError::NoHugePageSize { source, .. }
             | GmemError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
             GmemError::NoGuestMemfd { .. } => libc::ENOTTY,
             GmemError::MmapNotEnabled { .. } => libc::ENODEV,
@@ -175,6 +192,31 @@ impl GmemError {
 /// `kvm_ioctls` errors carry only an errno.
 pub(crate) fn kvm_err(e: kvm_ioctls::Error) -> io::Error {
     io::Error::from_raw_os_error(e.errno())
+}
+
+/// `2 MiB`, `1 GiB`, `64 KiB`: a page size for messages.
+pub(crate) fn human_page_size(bytes: u64) -> String {
+    match bytes {
+        b if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{} GiB", b >> 30),
+        b if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{} MiB", b >> 20),
+        b if b % 1024 == 0 => format!("{} KiB", b >> 10),
+        b => format!("{b:#x}-byte"),
+    }
+}
+
+/// For gigantic pages (1 GiB): the pool can rarely grow at run time, once memory is
+/// fragmented; the kernel command line reserves them before it is.
+fn boot_hint(page_size: u64, pages: u64) -> String {
+    if page_size >= 1 << 30 {
+        format!(
+            "; {} pages rarely come free at run time once memory is fragmented: reserve them \
+             at boot with `hugepagesz={}G hugepages={pages}` (or more) on the kernel command line",
+            human_page_size(page_size),
+            page_size >> 30
+        )
+    } else {
+        String::new()
+    }
 }
 
 fn vm_name(t: Option<VmType>) -> String {
@@ -268,16 +310,56 @@ mod tests {
 
         let e = GmemError::NoHugePages {
             what: "mmap of memfd 'ram'".into(),
+            page_size: 2 << 20,
             pages: 2,
             nr_hugepages: "0".into(),
             source: io::Error::from_raw_os_error(libc::ENOMEM),
         };
         let m = e.to_string();
         assert!(
-            m.contains("echo N > /proc/sys/vm/nr_hugepages") && m.contains("now 0"),
+            m.starts_with("no free 2 MiB huge pages for mmap of memfd 'ram' (2 needed)")
+                && m.contains(
+                    "echo N > /sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages` (N = the \
+                     pages others use + 2; now 0)"
+                )
+                && !m.contains("at boot"),
             "{m}"
         );
         assert_eq!(e.errno(), libc::ENOMEM);
+
+        let e = GmemError::NoHugePages {
+            what: "allocate of memfd 'ram'".into(),
+            page_size: 1 << 30,
+            pages: 1,
+            nr_hugepages: "0".into(),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        let m = e.to_string();
+        assert!(
+            m.starts_with("no free 1 GiB huge pages for allocate of memfd 'ram' (1 needed)")
+                && m.contains(
+                    "echo N > /sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages`"
+                )
+                && m.ends_with(
+                    "reserve them at boot with `hugepagesz=1G hugepages=1` (or more) on the \
+                     kernel command line"
+                ),
+            "{m}"
+        );
+        assert_eq!(e.errno(), libc::ENOSPC);
+
+        let e = GmemError::NoHugePageSize {
+            what: "memfd 'ram'".into(),
+            page_size: 1 << 30,
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        let m = e.to_string();
+        assert!(
+            m.contains("this kernel has no 1 GiB huge page pool") && m.contains("pdpe1gb"),
+            "{m}"
+        );
+        assert_eq!(e.errno(), libc::ENODEV);
+        assert_eq!(human_page_size(4096), "4 KiB");
 
         let e = GmemError::MmapNotEnabled {
             fd: 5,

@@ -45,8 +45,8 @@ pub(crate) fn fd_link(fd: BorrowedFd<'_>) -> String {
     }
 }
 
-/// The filesystem magic of the file behind `fd`.
-pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
+/// `fstatfs(2)` of the file behind `fd`.
+fn statfs(fd: BorrowedFd<'_>) -> io::Result<libc::statfs> {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs writes a full `struct statfs` into the pointer on success.
     let r = unsafe { libc::fstatfs(fd.as_raw_fd(), st.as_mut_ptr()) };
@@ -54,8 +54,33 @@ pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: initialized by the successful call above.
+    Ok(unsafe { st.assume_init() })
+}
+
+/// The filesystem magic of the file behind `fd`.
+pub(crate) fn fs_magic(fd: BorrowedFd<'_>) -> io::Result<i64> {
     #[allow(clippy::unnecessary_cast)] // f_type is not i64 on every architecture
-    Ok(unsafe { st.assume_init() }.f_type as i64)
+    Ok(statfs(fd)?.f_type as i64)
+}
+
+/// The size of the pages backing the file behind `fd`, as the file itself says: for a
+/// hugetlbfs file (a hugetlb memfd, or a file on a hugetlbfs mount) `f_bsize` of its
+/// filesystem, which is the huge page size of its pool (2 MiB, 1 GiB...); 4 KiB for
+/// anything else (shmem, guest_memfd).
+pub(crate) fn backing_page_size(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let st = statfs(fd)?;
+    #[allow(clippy::unnecessary_cast)] // f_type and f_bsize differ in type by architecture
+    if st.f_type as i64 == HUGETLBFS_MAGIC {
+        let bsize = st.f_bsize as u64;
+        if bsize.is_power_of_two() && bsize > 4096 {
+            return Ok(bsize);
+        }
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("hugetlbfs reports a block size of {bsize:#x}, not a huge page size"),
+        ));
+    }
+    Ok(4096)
 }
 
 /// True if `fd` is a guest_memfd: its filesystem is guest_memfd's own (`GUEST_MEMFD_MAGIC`)
@@ -120,20 +145,26 @@ pub(crate) fn check_range(
     Err(GmemError::invalid(what(), detail))
 }
 
-/// Current `/proc/sys/vm/nr_hugepages` (for messages); the 2 MiB pool's sysfs knob on
-/// kernels without sysctl.
-pub(crate) fn nr_hugepages() -> String {
-    std::fs::read_to_string("/proc/sys/vm/nr_hugepages")
-        .or_else(|_| std::fs::read_to_string(NR_HUGEPAGES_2M))
+/// The sysfs file holding the size of the pool of `page_size` huge pages, e.g.
+/// `/sys/kernel/mm/hugepages/hugepages-1048576kB/nr_hugepages` for 1 GiB pages (present
+/// with or without sysctl, and for every supported size, unlike `/proc/sys/vm/nr_hugepages`,
+/// which is the default size's only).
+pub(crate) fn nr_hugepages_path(page_size: u64) -> String {
+    format!(
+        "/sys/kernel/mm/hugepages/hugepages-{}kB/nr_hugepages",
+        page_size / 1024
+    )
+}
+
+/// The current content of `page_size`'s pool size (for messages).
+pub(crate) fn nr_hugepages(page_size: u64) -> String {
+    std::fs::read_to_string(nr_hugepages_path(page_size))
         .map(|s| s.trim().to_string())
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
-/// The 2 MiB huge page pool's size in sysfs (present with or without sysctl).
-pub(crate) const NR_HUGEPAGES_2M: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/nr_hugepages";
-
 const TMPFS_MAGIC: i64 = 0x0102_1994;
-const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+pub(crate) const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 
 /// What kind of guest-memory file `fd` is (`memfd/shmem`, `hugetlbfs`, `guest_memfd`), or
 /// a description of what it is instead.

@@ -7,7 +7,7 @@
 //! |---|---|
 //! | [`KvmVm`] | a KVM VM fd (owned or borrowed from the VMM): types, caps, `KVM_SET_MEMORY_ATTRIBUTES` |
 //! | [`GuestMemfd`] | a guest_memfd (`KVM_CREATE_GUEST_MEMFD`, or adopted) |
-//! | [`Memfd`] | a `memfd_create` file, optionally on 2 MiB huge pages |
+//! | [`Memfd`] | a `memfd_create` file, optionally on huge pages (2 MiB or 1 GiB: [`HugePageSize`]) |
 //! | [`MappedMemory`] | a shared `mmap` of either file |
 //! //!
 //! Kernel facts this module relies on (Linux 7.3, virt/kvm/guest_memfd.c, kvm_main.c):
@@ -35,6 +35,6 @@ mod vm;
 pub use error::GmemError;
 pub use flags::{GmemFlags, MemoryAttributes, ParseError, VmType, VmTypes};
 pub use guest_memfd::GuestMemfd;
-pub use memfd::{Memfd, HUGE_PAGE_2M};
+pub use memfd::{backing_page_size, HugePageSize, Memfd, HUGE_PAGE_1G, HUGE_PAGE_2M};
 pub use mmap::MappedMemory;
 pub use vm::{open_kvm, supported_vm_types, KvmVm};

@@ -13,6 +13,7 @@ pub mod needs;
 pub mod pci;
 pub mod raw;
 pub mod space;
+pub mod vtd;
 
 use libtest_mimic::{Arguments, Failed, Trial};
 

@@ -16,7 +16,7 @@ use vfio_gmem::dma::{CutSupport, DmaSpace, PageState, RegionReport, Stats};
 use crate::errors::require_root;
 use crate::setup::{Layout, Session};
 use crate::table::{human_bytes, range, Table};
-use crate::AssignArgs;
+use crate::{AssignArgs, HugePageArg};
 
 static STOP: AtomicBool = AtomicBool::new(false);
 
@@ -271,6 +271,7 @@ pub fn run(args: &AssignArgs, json: bool) -> anyhow::Result<()> {
         size: m.memory,
         gpa: m.gpa,
         backing: m.backing,
+        huge_page: m.huge_page_size.map(HugePageArg::size),
         confidential: m.confidential,
         convertible: None,
     };

@@ -81,8 +81,31 @@ pub enum BackingArg {
     Gmem,
     /// a shmem memfd
     Memfd,
-    /// a memfd on 2 MiB huge pages (reserve them in /proc/sys/vm/nr_hugepages)
+    /// a memfd on huge pages of --huge-page-size (2 MiB by default; reserve them in
+    /// /sys/kernel/mm/hugepages/hugepages-<N>kB/nr_hugepages)
     Hugetlb,
+}
+
+/// The huge page size of `--backing hugetlb`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum HugePageArg {
+    /// 2 MiB pages (hugepages-2048kB pool)
+    #[value(name = "2M", alias = "2MiB")]
+    Size2M,
+    /// 1 GiB pages (hugepages-1048576kB pool; reserve them at boot: kernel command line
+    /// `hugepagesz=1G hugepages=N`)
+    #[value(name = "1G", alias = "1GiB")]
+    Size1G,
+}
+
+impl HugePageArg {
+    /// The library's size.
+    pub fn size(self) -> vfio_gmem::gmem::HugePageSize {
+        match self {
+            HugePageArg::Size2M => vfio_gmem::gmem::HugePageSize::Size2M,
+            HugePageArg::Size1G => vfio_gmem::gmem::HugePageSize::Size1G,
+        }
+    }
 }
 
 /// Which kernel interface holds the IOMMU mappings.
@@ -98,12 +121,17 @@ pub enum IommuArg {
 
 #[derive(Debug, Args)]
 pub struct MemoryArgs {
-    /// Guest memory size (e.g. 256M, 1G; a multiple of 4 KiB, of 2 MiB for hugetlb)
+    /// Guest memory size (e.g. 256M, 1G; a multiple of 4 KiB, of the huge page size for
+    /// hugetlb)
     #[arg(long, value_parser = parse_size_arg)]
     pub memory: u64,
     /// Backing of the guest memory
     #[arg(long, value_enum, default_value_t = BackingArg::Gmem)]
     pub backing: BackingArg,
+    /// Huge page size of --backing hugetlb [default: 2M]; --memory must be a multiple of
+    /// it. Only with --backing hugetlb
+    #[arg(long, value_enum, value_name = "SIZE")]
+    pub huge_page_size: Option<HugePageArg>,
     /// Convertible memory, every page starting private: a SW_PROTECTED VM (the one VM type
     /// with private memory this tool creates; SEV-SNP/TDX need a launch flow it does not
     /// drive) with private pages in guest_memfd and shared pages in a memfd (or hugetlb
@@ -275,6 +303,29 @@ mod tests {
         assert!(a.memory.confidential);
         assert_eq!(a.memory.iommu, IommuArg::Legacy);
         assert_eq!(a.memory.gpa, 0x2_0000_0000);
+        assert_eq!(a.memory.huge_page_size, None);
+        for (arg, size) in [
+            ("1G", HugePageArg::Size1G),
+            ("1GiB", HugePageArg::Size1G),
+            ("2M", HugePageArg::Size2M),
+        ] {
+            let c = parse(&[
+                "assign",
+                "00:03.0",
+                "--memory",
+                "2G",
+                "--backing",
+                "hugetlb",
+                "--huge-page-size",
+                arg,
+            ])
+            .unwrap();
+            let Command::Assign(a) = c.command else {
+                panic!()
+            };
+            assert_eq!(a.memory.huge_page_size, Some(size), "{arg}");
+        }
+        assert_eq!(HugePageArg::Size1G.size().bytes(), 1 << 30);
         let c = parse(&["assign", "00:03.0", "--memory", "16M"]).unwrap();
         let Command::Assign(a) = c.command else {
             panic!()
@@ -304,6 +355,16 @@ mod tests {
             &["assign", "00:03.0", "--memory", "0"],
             &["assign", "00:03.0", "--memory", "1G", "--backing", "tmpfs"],
             &["assign", "00:03.0", "--memory", "1G", "--gpa", "0x123"],
+            &[
+                "assign",
+                "00:03.0",
+                "--memory",
+                "1G",
+                "--backing",
+                "hugetlb",
+                "--huge-page-size",
+                "4M",
+            ],
             &["frobnicate"],
             &[],
         ] {

@@ -113,6 +113,7 @@ fn layouts(pages: u64) -> [(&'static str, Layout); 2] {
         size: pages * PAGE_SIZE,
         gpa: GPA,
         backing: BackingArg::Gmem,
+        huge_page: None,
         confidential: false,
         convertible: Some(PageState::Shared),
     };

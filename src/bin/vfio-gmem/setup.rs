@@ -9,7 +9,7 @@ use anyhow::Context;
 use serde::Serialize;
 use vfio_gmem::dma::{DmaSpace, GuestRegion, PageState, RegionId, SharedMemory, SpaceOptions};
 use vfio_gmem::gmem::{
-    self, GmemFlags, GuestMemfd, KvmVm, MappedMemory, Memfd, VmType, VmTypes, HUGE_PAGE_2M,
+    self, GmemFlags, GuestMemfd, HugePageSize, KvmVm, MappedMemory, Memfd, VmType, VmTypes,
 };
 use vfio_gmem::vfio::{Bdf, Device, PciDevice, PciSysfs, Readiness};
 
@@ -61,6 +61,8 @@ pub struct Layout {
     pub size: u64,
     pub gpa: u64,
     pub backing: BackingArg,
+    /// `--huge-page-size`: only with `--backing hugetlb` (2 MiB when not given).
+    pub huge_page: Option<HugePageSize>,
     /// SW_PROTECTED VM, gmem private + memfd shared, KVM attributes follow conversions.
     pub confidential: bool,
     /// Convertible with this initial state even without a confidential VM (selftest:
@@ -71,16 +73,42 @@ pub struct Layout {
 impl Layout {
     /// Checks combinations clap cannot; failures are usage errors.
     pub fn validate(&self) -> anyhow::Result<()> {
-        if self.backing == BackingArg::Hugetlb && self.size % HUGE_PAGE_2M != 0 {
+        if let (Some(page), false) = (self.huge_page, self.backing == BackingArg::Hugetlb) {
             return Err(usage(format!(
-                "--memory {:#x}: hugetlb backing needs a multiple of 2 MiB",
-                self.size
+                "--huge-page-size {} applies to --backing hugetlb only (--backing {} has no \
+                 huge pages); drop --huge-page-size or add --backing hugetlb",
+                match page {
+                    HugePageSize::Size1G => "1G",
+                    _ => "2M",
+                },
+                match self.backing {
+                    BackingArg::Gmem => "gmem",
+                    BackingArg::Memfd => "memfd",
+                    BackingArg::Hugetlb => "hugetlb",
+                }
             )));
+        }
+        if let Some(page) = self.huge_page_size() {
+            if self.size % page.bytes() != 0 {
+                return Err(usage(format!(
+                    "--memory {:#x}: hugetlb backing with {page} pages needs a multiple of {page} \
+                     (e.g. --memory {})",
+                    self.size,
+                    human_bytes(self.size.next_multiple_of(page.bytes()))
+                        .replace(' ', "")
+                        .replace("iB", "")
+                )));
+            }
         }
         if self.gpa.checked_add(self.size).is_none() {
             return Err(usage("--gpa + --memory overflows 64 bits"));
         }
         Ok(())
+    }
+
+    /// The huge page size of the shared memory, if it is a hugetlb memfd.
+    pub fn huge_page_size(&self) -> Option<HugePageSize> {
+        (self.backing == BackingArg::Hugetlb).then(|| self.huge_page.unwrap_or_default())
     }
 
     fn initial(&self) -> Option<PageState> {
@@ -107,6 +135,13 @@ impl SharedFile {
             SharedFile::Memfd(m) => m.as_fd().try_clone_to_owned(),
         }
     }
+    /// Page size of the file, as it says (hugetlbfs's block size; 4 KiB otherwise).
+    fn page_size(&self) -> anyhow::Result<u64> {
+        Ok(match self {
+            SharedFile::Gmem(g) => gmem::backing_page_size(g)?,
+            SharedFile::Memfd(m) => m.page_size(),
+        })
+    }
     /// A CPU view of the shared backing.
     pub fn mmap(&self) -> anyhow::Result<MappedMemory> {
         Ok(match self {
@@ -123,6 +158,9 @@ pub struct MemoryInfo {
     pub size: u64,
     pub vm_type: Option<String>,
     pub shared_backing: String,
+    /// Page size of the shared backing, read from its file (4096; 2 MiB or 1 GiB for a
+    /// hugetlb memfd).
+    pub page_size: u64,
     pub private_backing: Option<String>,
     pub convertible: bool,
     pub initial: Option<String>,
@@ -226,16 +264,26 @@ impl Session {
 
         // Guest memory.
         let initial = layout.initial();
+        let huge_page = layout.huge_page_size();
         let shared_memfd = |huge: bool| -> anyhow::Result<Memfd> {
-            if huge {
-                let m = Memfd::hugetlb("vfio-gmem-guest-shared", size)?;
-                with_spinner(
-                    &format!("reserving {} of huge pages", human_bytes(size)),
-                    || m.allocate(0, size),
-                )?;
-                Ok(m)
+            match huge_page.filter(|_| huge) {
+                Some(page) => {
+                    let m = Memfd::hugetlb_sized("vfio-gmem-guest-shared", size, page)?;
+                    with_spinner(
+                        &format!("reserving {} of {page} huge pages", human_bytes(size)),
+                        || m.allocate(0, size),
+                    )?;
+                    Ok(m)
+                }
+                None => Ok(Memfd::new("vfio-gmem-guest-shared", size)?),
+            }
+        };
+        // "hugetlb memfd (1 GiB pages)", the page size as the file says.
+        let describe = |m: &Memfd| {
+            if m.is_hugetlb() {
+                format!("hugetlb memfd ({} pages)", human_bytes(m.page_size()))
             } else {
-                Ok(Memfd::new("vfio-gmem-guest-shared", size)?)
+                "memfd".to_string()
             }
         };
         let private_vm = if layout.confidential {
@@ -259,7 +307,8 @@ impl Session {
                 gpa: layout.gpa,
                 size,
                 vm_type: None,
-                shared_backing: if huge { "hugetlb memfd" } else { "memfd" }.into(),
+                shared_backing: describe(&shared),
+                page_size: shared.page_size(),
                 private_backing: None,
                 convertible: true,
                 initial: initial.map(|s| s.to_string()),
@@ -281,7 +330,8 @@ impl Session {
                 gpa: layout.gpa,
                 size,
                 vm_type: Some("SW_PROTECTED".into()),
-                shared_backing: if huge { "hugetlb memfd" } else { "memfd" }.into(),
+                shared_backing: describe(&shared),
+                page_size: shared.page_size(),
                 private_backing: Some("guest_memfd (MMAP)".into()),
                 convertible: true,
                 initial: initial.map(|s| s.to_string()),
@@ -299,21 +349,21 @@ impl Session {
                     (
                         Some(vm),
                         SharedFile::Gmem(g),
-                        "guest_memfd (MMAP|INIT_SHARED)",
+                        "guest_memfd (MMAP|INIT_SHARED)".to_string(),
                     )
                 }
-                BackingArg::Memfd => (None, SharedFile::Memfd(shared_memfd(false)?), "memfd"),
-                BackingArg::Hugetlb => (
-                    None,
-                    SharedFile::Memfd(shared_memfd(true)?),
-                    "hugetlb memfd",
-                ),
+                BackingArg::Memfd | BackingArg::Hugetlb => {
+                    let m = shared_memfd(layout.backing == BackingArg::Hugetlb)?;
+                    let desc = describe(&m);
+                    (None, SharedFile::Memfd(m), desc)
+                }
             };
             let info = MemoryInfo {
                 gpa: layout.gpa,
                 size,
                 vm_type: vm.as_ref().map(|_| "DEFAULT".to_string()),
-                shared_backing: desc.into(),
+                shared_backing: desc,
+                page_size: shared.page_size()?,
                 private_backing: None,
                 convertible: initial.is_some(),
                 initial: initial.map(|s| s.to_string()),
@@ -417,12 +467,55 @@ mod tests {
             size: 4096,
             gpa: 0,
             backing: BackingArg::Hugetlb,
+            huge_page: None,
             confidential: false,
             convertible: None,
         };
         let e = l.validate().unwrap_err();
         assert_eq!(crate::errors::exit_code(&e), crate::errors::EXIT_USAGE);
-        assert!(e.to_string().contains("2 MiB"), "{e}");
+        assert!(e.to_string().contains("multiple of 2 MiB"), "{e}");
+        assert_eq!(l.huge_page_size(), Some(HugePageSize::Size2M));
+    }
+
+    #[test]
+    fn huge_page_size_is_for_hugetlb_only_and_divides_the_memory() {
+        let l = Layout {
+            size: 3 << 29, // 1.5 GiB: whole 2 MiB pages, not whole 1 GiB pages
+            gpa: 1 << 32,
+            backing: BackingArg::Hugetlb,
+            huge_page: Some(HugePageSize::Size1G),
+            confidential: false,
+            convertible: None,
+        };
+        let e = l.validate().unwrap_err();
+        assert_eq!(crate::errors::exit_code(&e), crate::errors::EXIT_USAGE);
+        assert_eq!(
+            e.to_string(),
+            "--memory 0x60000000: hugetlb backing with 1 GiB pages needs a multiple of 1 GiB \
+             (e.g. --memory 2G)"
+        );
+        let ok = Layout {
+            size: 2 << 30,
+            ..l.clone()
+        };
+        ok.validate().unwrap();
+        assert_eq!(ok.huge_page_size(), Some(HugePageSize::Size1G));
+        for backing in [BackingArg::Gmem, BackingArg::Memfd] {
+            let l = Layout {
+                backing,
+                ..ok.clone()
+            };
+            let e = l.validate().unwrap_err();
+            assert_eq!(crate::errors::exit_code(&e), crate::errors::EXIT_USAGE);
+            assert!(
+                e.to_string()
+                    .starts_with("--huge-page-size 1G applies to --backing hugetlb only")
+                    && e.to_string()
+                        .ends_with("drop --huge-page-size or add --backing hugetlb"),
+                "{e}"
+            );
+            assert_eq!(l.huge_page_size(), None);
+        }
     }
 
     #[test]
@@ -452,6 +545,7 @@ mod tests {
             size: 1 << 20,
             gpa: 0,
             backing: BackingArg::Gmem,
+            huge_page: None,
             confidential: true,
             convertible: None,
         };

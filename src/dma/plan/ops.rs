@@ -173,7 +173,11 @@ pub struct ConversionRequest {
     /// Target state.
     pub to: PageState,
     /// After going private, discard the shared backing of every page of the request
-    /// (pages already private included). Only with `to: Private`.
+    /// (pages already private included). Only with `to: Private`. The range reads back
+    /// as zeros afterwards; its memory is freed where the backing can free it: shmem and
+    /// guest_memfd per 4 KiB page, hugetlbfs per whole huge page only (a discard inside a
+    /// 2 MiB or 1 GiB page zeroes the range and frees nothing, as `fallocate(PUNCH_HOLE)`
+    /// does on hugetlbfs).
     pub discard: bool,
 }
 

@@ -180,5 +180,20 @@ pub(crate) fn check_backing_file(fd: &OwnedFd, offset: u64, len: u64) -> Result<
              grow the file or fix the offset"
         ));
     }
+    // A hugetlbfs file is made of whole huge pages, of the size the file says (its
+    // filesystem's block size): a region must be too, or its VA fallback could not be
+    // mapped (hugetlbfs mmap refuses partial pages) and its pages would be shared with
+    // a neighbour's.
+    let page = crate::gmem::fdops::backing_page_size(fd.as_fd())
+        .map_err(|e| format!("cannot read the page size of fd {}: {e}", fd.as_raw_fd()))?;
+    if page > PAGE_SIZE && (offset % page != 0 || len % page != 0) {
+        let human = crate::gmem::HugePageSize::from_bytes(page)
+            .map_or_else(|| format!("{page:#x}-byte"), |p| p.to_string());
+        return Err(format!(
+            "the {kind} file has {human} pages: the region's file offset {offset:#x} and \
+             length {len:#x} must be multiples of {page:#x}; round the region to whole huge \
+             pages (conversions inside them stay 4 KiB granular)"
+        ));
+    }
     Ok(())
 }

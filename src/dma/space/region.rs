@@ -74,9 +74,7 @@ impl DmaSpace {
                             .map_err(|_| bad("too large to mmap".into()))?;
                         let mapping =
                             MappedMemory::map_shared(fd.as_fd(), offset, len).map_err(|e| {
-                                bad(format!(
-                                    "mmap of the shared backing for the VA fallback failed: {e}"
-                                ))
+                                va_fallback_error(&fd, (region.gpa, region.len), &reason, e)
                             })?;
                         log::info!(
                             "GPA [{:#x}, +{:#x}): mapping by VA: {reason}",
@@ -359,6 +357,43 @@ impl DmaSpace {
             ));
             log::warn!("{:?}", self.cut);
         }
+    }
+}
+
+/// Why the VA fallback's `mmap` of `fd`, the shared backing of region `[gpa, +len)`,
+/// failed (the kernel did not map it by fd+offset: `reason`). A hugetlbfs file answers `ENOMEM` when its pool
+/// lacks free pages (MAP_FILE, which pins the same pages, was refused first): then the
+/// error is [`GmemError::NoHugePages`](crate::gmem::GmemError::NoHugePages) for the
+/// file's own page size, naming its pool.
+fn va_fallback_error(
+    fd: &OwnedFd,
+    (gpa, len): (u64, u64),
+    reason: &str,
+    e: std::io::Error,
+) -> SpaceError {
+    use std::os::fd::AsRawFd;
+    let page = crate::gmem::fdops::backing_page_size(fd.as_fd()).unwrap_or(0);
+    if page > crate::dma::plan::model::PAGE_SIZE && e.raw_os_error() == Some(libc::ENOMEM) {
+        return SpaceError::Gmem(crate::gmem::GmemError::NoHugePages {
+            what: format!(
+                "the shared backing (fd {}) of region [{:#x}, +{:#x}) (nothing was changed)",
+                fd.as_raw_fd(),
+                gpa,
+                len
+            ),
+            page_size: page,
+            pages: len.div_ceil(page),
+            nr_hugepages: crate::gmem::fdops::nr_hugepages(page),
+            source: e,
+        });
+    }
+    SpaceError::BadRegion {
+        gpa,
+        len,
+        why: format!(
+            "mmap of the shared backing for the VA fallback failed: {e} (it was not mapped by \
+             fd+offset: {reason}); nothing was changed"
+        ),
     }
 }
 
