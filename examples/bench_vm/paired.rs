@@ -14,9 +14,10 @@
 //!   `IOMMU_IOAS_MAP_FILE` per map, the compat `VFIO_IOMMU_UNMAP_DMA` per cut-unmap, on
 //!   an IOAS set up as the space's (compat designation, huge pages off). Same ioctls,
 //!   same arguments: the ratio is the library's own overhead;
-//! - library per-granule (forced, 4 KiB granules) vs the **raw per-page loop** (QEMU's
-//!   shape, as in `conversions`: one `MAP_FILE` per page turning shared, one native
-//!   unmap per run of shared pages turning private, default IOAS);
+//! - library per-granule (4 KiB granules, as a space without cutting has them:
+//!   `conversions: false`, huge pages on) vs the **raw per-page loop** (QEMU's shape, as
+//!   in `conversions`: one `MAP_FILE` per page turning shared, one native unmap per run
+//!   of shared pages turning private, default IOAS: huge pages on);
 //! - library cut vs the raw per-page loop: what the cut strategy saves.
 //!
 //! No KVM VM: attribute changes cost the same in every strategy and are left out. Each
@@ -48,8 +49,10 @@ struct Library {
 impl Library {
     fn new(edu: &Edu, shape: &Shape, strategy: Strategy) -> Res<Self> {
         let iommufd = Arc::new(Iommufd::open().map_err(err("open /dev/iommu"))?);
+        // The per-granule fallback as a VMM meets it (no cut here: `conversions` off,
+        // huge pages on, no compat designation), like the raw per-page loop's IOAS.
         let options = SpaceOptions {
-            conversions: true,
+            conversions: strategy == Strategy::Cut,
             force_strategy: Some(strategy),
             ..Default::default()
         };
