@@ -59,8 +59,7 @@ impl Library {
         let mut space = DmaSpace::iommufd(&iommufd, None, options).map_err(err("DmaSpace"))?;
         let dev = Device::open_cdev(&edu.cdev).map_err(err("opening the edu cdev"))?;
         space.attach(&dev).map_err(err("attach"))?;
-        if strategy == Strategy::Cut
-            && space.cut_support() != &vfio_gmem::dma::CutSupport::Verified
+        if strategy == Strategy::Cut && space.cut_support() != &vfio_gmem::dma::CutSupport::Verified
         {
             return Err(format!(
                 "paired: the raw side replays compat cuts; this kernel's cut is {:?} (run on \
@@ -274,7 +273,11 @@ pub fn paired(edus: &[Edu], sz: &Sizes) -> Res<Value> {
     drop(recorder);
     let pairs: [(&str, Strategy, bool); 3] = [
         ("library_cut_over_raw_cut_replay", Strategy::Cut, true),
-        ("library_per_granule_over_raw_per_page", Strategy::PerGranule, false),
+        (
+            "library_per_granule_over_raw_per_page",
+            Strategy::PerGranule,
+            false,
+        ),
         ("library_cut_over_raw_per_page", Strategy::Cut, false),
     ];
     let mut ratios = vec![Vec::new(); pairs.len()];
