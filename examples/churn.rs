@@ -303,11 +303,7 @@ fn prefault_hugetlb_pool() -> (f64, u64) {
     pool.allocate(0, len)
         .expect("allocate the free hugetlb pool");
     drop(pool);
-    let secs = t.elapsed().as_secs_f64();
-    // Freeing that much leaves deferred kernel work behind (seen as extra guest
-    // instructions in the first timed run after it): let it drain.
-    std::thread::sleep(Duration::from_secs(1));
-    (secs, free)
+    (t.elapsed().as_secs_f64(), free)
 }
 
 /// The value after `flag`, if given.
