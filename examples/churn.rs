@@ -80,8 +80,9 @@ fn workload(n: usize, granule: u64) -> Vec<(u64, u64, PageState)> {
 
 struct Row {
     name: &'static str,
-    /// Kernel calls: executor calls, plus one IOMMU_IOAS_SPLIT per cut-unmap when the
-    /// native split serves them (split, then unmap).
+    /// Kernel calls: executor calls, plus one IOMMU_IOAS_SPLIT per cut-unmap that split
+    /// an area when the native split serves them (split, then unmap; a cut-unmap of whole
+    /// areas is the unmap alone). Counted from the executor's trace (see [`Phases`]).
     ioctls: u64,
     /// Leaf IOPTEs [4 KiB, 2 MiB, 1 GiB] after the run (VT-d debugfs), if readable.
     leaves: Option<[u64; 3]>,
@@ -133,6 +134,8 @@ impl log::Log for Phases {
         let msg = r.args().to_string();
         let kind = if msg.starts_with("IOMMU map") {
             "map"
+        } else if msg.starts_with("IOMMU unmap (Cut)") && msg.ends_with("(whole areas: no split)") {
+            "unmap (cut, whole)"
         } else if msg.starts_with("IOMMU unmap (Cut)") {
             "unmap (cut)"
         } else if msg.starts_with("IOMMU unmap") {
@@ -252,7 +255,7 @@ fn run_real(mode: Mode, n: usize, hugetlb: bool) -> Row {
         name,
         ioctls: stats.ioctls
             + if native && strategy == Strategy::Cut {
-                stats.unmaps
+                phases.get("unmap (cut)").map_or(0, |p| p.0)
             } else {
                 0
             },
@@ -261,7 +264,11 @@ fn run_real(mode: Mode, n: usize, hugetlb: bool) -> Row {
         peak_areas: peak,
         tracker: space.tracker_bytes(),
         secs,
-        phases,
+        phases: if print_phases() {
+            phases
+        } else {
+            PhaseTimes::new()
+        },
     }
 }
 
@@ -304,6 +311,11 @@ fn prefault_hugetlb_pool() -> (f64, u64) {
         .expect("allocate the free hugetlb pool");
     drop(pool);
     (t.elapsed().as_secs_f64(), free)
+}
+
+/// Whether `--phases` was given.
+fn print_phases() -> bool {
+    std::env::args().any(|a| a == "--phases")
 }
 
 /// The value after `flag`, if given.
@@ -379,10 +391,10 @@ fn main() {
         })
         .collect();
     let rounds: usize = arg("--rounds").and_then(|s| s.parse().ok()).unwrap_or(1);
-    if std::env::args().any(|a| a == "--phases") {
-        log::set_logger(&PHASES).expect("logger");
-        log::set_max_level(log::LevelFilter::Debug);
-    }
+    // The executor's trace counts the native splits (ioctls) whether or not the phases
+    // are printed.
+    log::set_logger(&PHASES).expect("logger");
+    log::set_max_level(log::LevelFilter::Debug);
     println!(
         "{} kernel, 256 MiB region ({}), {n} random conversions of 4 KiB-2 MiB after a 64 MiB pool",
         if real { "real" } else { "fake" },
