@@ -50,6 +50,22 @@ impl Ioas {
         Ok(())
     }
 
+    /// Whether a native cut-unmap of `[iova, iova+len)` needs [`Ioas::split`] first: an
+    /// area of this handle's record holds both sides of one of the range's ends. Without
+    /// a record ([`AreaRecord::Off`](super::AreaRecord::Off)) the answer is unknown: true.
+    /// Areas mapped into this IOAS other than through this handle are not in the record
+    /// (the invariant on [`Ioas`]); a range cutting one of those is refused by the unmap.
+    pub(crate) fn must_split(&self, iova: u64, len: u64) -> bool {
+        if self.area_record() == super::AreaRecord::Off {
+            return true;
+        }
+        let areas = self.lock();
+        areas.straddles(iova)
+            || iova
+                .checked_add(len)
+                .is_some_and(|end| areas.straddles(end))
+    }
+
     /// Unmaps exactly `[iova, iova+len)`: [`Ioas::split`] at its ends, then
     /// [`Ioas::unmap`]. Returns the bytes unmapped. If the unmap fails after the split,
     /// the split stays (translations unchanged) and this handle's record knows it.

@@ -21,7 +21,9 @@
 //!   `unmapped`). With huge pages enabled there is no cut, so a range cutting an area
 //!   fails `ENOENT` like the native unmap.
 //! - native split (`IOMMU_IOAS_SPLIT` of the project's series, [`FakeKernel::with_native_split`]):
-//!   a cut unmap is two calls, each counted and each a fault injection point. The split
+//!   a cut unmap that cuts an area is two calls, each counted and each a fault injection
+//!   point; one of whole areas (or unmapped IOVA) at both ends is the unmap call alone, as
+//!   the kernel executor skips the split there (`Ioas::must_split`). The split
 //!   (iopt_split_iova) checks both ends, then splits the area holding `iova - 1` and `iova`
 //!   and the one holding `last` and `last + 1`, with huge pages on or off; a fault in it
 //!   changes nothing. Then a native unmap of exactly the range (`ENOENT` if nothing was
@@ -114,7 +116,7 @@ impl FakeKernel {
     }
 
     /// An IOAS with huge pages enabled on a kernel with `IOMMU_IOAS_SPLIT`: a cut unmap is
-    /// a split call, then a native unmap call.
+    /// a split call, then a native unmap call (the unmap alone if no area spans an end).
     ///
     /// ```
     /// use vfio_gmem::dma::{planning::*, *};
@@ -321,14 +323,17 @@ impl Executor for FakeKernel {
                 .flatten()
                 .filter(|&p| self.straddles(p))
                 .collect();
-            if let Some(errno) = points.iter().find_map(|&p| self.split_refusal(p)) {
-                return Err(self.fail(errno));
+            if !points.is_empty() {
+                if let Some(errno) = points.iter().find_map(|&p| self.split_refusal(p)) {
+                    return Err(self.fail(errno));
+                }
+                for p in points {
+                    self.split_after(p).expect("checked");
+                }
+                // The unmap is a call of its own. With nothing to split (whole areas),
+                // the kernel executor issues the unmap alone: one call.
+                self.begin_call()?;
             }
-            for p in points {
-                self.split_after(p).expect("checked");
-            }
-            // The unmap is a call of its own.
-            self.begin_call()?;
             return match self.unmap_range(op.iova, last) {
                 Ok(0) => Err(self.fail(libc::ENOENT)),
                 Ok(bytes) => {
@@ -385,5 +390,53 @@ impl Executor for FakeKernel {
             .insert(op.offset..op.offset + op.len);
         self.counts.discards += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::plan::model::Backing;
+
+    fn cut(iova: u64, len: u64) -> UnmapOp {
+        UnmapOp {
+            iova,
+            len,
+            kind: UnmapKind::Cut,
+            restore: vec![],
+        }
+    }
+
+    #[test]
+    fn native_cut_of_whole_areas_is_one_call() {
+        let mut k = FakeKernel::with_native_split();
+        k.map(&MapOp {
+            region: RegionId(0),
+            backing: Backing::Opaque(0),
+            iova: 0,
+            offset: 0,
+            len: 0x8000,
+        })
+        .unwrap();
+        // Inside the area: split, then unmap.
+        let c = k.calls();
+        assert_eq!(k.unmap(&cut(0x2000, 0x2000)).unwrap(), 0x2000);
+        assert_eq!(k.calls() - c, 2);
+        // [0x4000, 0x8000) is a whole area now: the unmap alone.
+        let c = k.calls();
+        assert_eq!(k.unmap(&cut(0x4000, 0x4000)).unwrap(), 0x4000);
+        assert_eq!(k.calls() - c, 1);
+        // An end in unmapped IOVA after a whole area: the unmap alone too.
+        let c = k.calls();
+        assert_eq!(k.unmap(&cut(0, 0x4000)).unwrap(), 0x2000);
+        assert_eq!(k.calls() - c, 1);
+        assert_eq!(k.area_count(), 0);
+        // Nothing mapped there any more: ENOENT, from the one call.
+        let c = k.calls();
+        assert_eq!(
+            k.unmap(&cut(0x4000, 0x1000)).unwrap_err().errno,
+            libc::ENOENT
+        );
+        assert_eq!(k.calls() - c, 1);
     }
 }

@@ -35,7 +35,9 @@ pub(crate) enum CutMode {
     /// with huge pages disabled.
     Compat,
     /// `IOMMU_IOAS_SPLIT` then `IOMMU_IOAS_UNMAP` ([`Ioas::split_unmap`]): two ioctls for
-    /// one executor call, the one exception to the one-call rule above.
+    /// one executor call, the one exception to the one-call rule above. Only where an
+    /// area of the IOAS's record spans an end of the range ([`Ioas::must_split`]); a
+    /// range of whole areas is one `IOMMU_IOAS_UNMAP`.
     Split,
 }
 
@@ -194,13 +196,27 @@ impl<'a> KernelExecutor<'a> {
         Ok(())
     }
 
-    fn try_unmap(&self, op: &UnmapOp) -> Result<u64, KernelError> {
+    /// The bytes unmapped, and whether a native cut needed no split (whole areas).
+    fn try_unmap(&self, op: &UnmapOp) -> Result<(u64, bool), KernelError> {
         Ok(match (op.kind, &self.iommu) {
             (UnmapKind::Cut, IommuTarget::Ioas { ioas, cut }) if *cut != CutMode::None => {
                 if *cut == CutMode::Compat {
-                    ioas.cut_unmap(op.iova, op.len)?
+                    (ioas.cut_unmap(op.iova, op.len)?, false)
+                } else if ioas.must_split(op.iova, op.len) {
+                    (ioas.split_unmap(op.iova, op.len)?, false)
                 } else {
-                    ioas.split_unmap(op.iova, op.len)?
+                    // Both ends already on area boundaries (or unmapped IOVA): the split
+                    // would change nothing, so this is one ioctl, as the compat cut is.
+                    let n = ioas.unmap(op.iova, op.len)?;
+                    if n == 0 {
+                        return Err(iommufd::Error::NotMapped {
+                            ioas: ioas.id(),
+                            span: iommufd::Span::new(op.iova, op.len),
+                            source: None,
+                        }
+                        .into());
+                    }
+                    (n, true)
                 }
             }
             (UnmapKind::Cut, _) => {
@@ -209,7 +225,7 @@ impl<'a> KernelExecutor<'a> {
                     len: op.len,
                 })
             }
-            (UnmapKind::Native, _) => self.mapper().unmap(op.iova, op.len)?,
+            (UnmapKind::Native, _) => (self.mapper().unmap(op.iova, op.len)?, false),
         })
     }
 }
@@ -227,13 +243,14 @@ impl Executor for KernelExecutor<'_> {
     }
 
     fn unmap(&mut self, op: &UnmapOp) -> Result<u64, OpError> {
-        let bytes = self.try_unmap(op).map_err(fail)?;
+        let (bytes, whole) = self.try_unmap(op).map_err(fail)?;
         log::debug!(
             target: LOG_TARGET,
-            "IOMMU unmap ({:?}) IOVA [{:#x}, +{:#x}): {bytes:#x} bytes",
+            "IOMMU unmap ({:?}) IOVA [{:#x}, +{:#x}): {bytes:#x} bytes{}",
             op.kind,
             op.iova,
-            op.len
+            op.len,
+            if whole { " (whole areas: no split)" } else { "" }
         );
         Ok(bytes)
     }
