@@ -123,9 +123,11 @@ pub enum Error {
 
     /// A native unmap range cuts through an area (`ENOENT`). Nothing was unmapped.
     #[error(
-        "IOAS {ioas}: cannot unmap {span}: it cuts the area {}, and iommufd cannot split an \
-         area. Unmap whole areas as they were mapped, or split hitlessly with \
-         Ioas::cut_unmap on a compat IOAS whose huge pages were disabled before mapping",
+        "IOAS {ioas}: cannot unmap {span}: it cuts the area {}, and IOMMU_IOAS_UNMAP does \
+         not split areas. Unmap whole areas as they were mapped, or split hitlessly: \
+         Ioas::split_unmap where the kernel has IOMMU_IOAS_SPLIT (`vfio-gmem probe` says), \
+         else Ioas::cut_unmap on a compat IOAS whose huge pages were disabled before \
+         mapping",
         match area { Some(a) => a.to_string(), None => "mapped there".into() }
     )]
     PartialUnmap {
@@ -531,7 +533,8 @@ mod tests {
         };
         let m = e.to_string();
         assert!(m.contains("cuts the area [0x0, 0x8000)"), "{m}");
-        assert!(m.contains("cannot split") && m.contains("cut_unmap"), "{m}");
+        assert!(m.contains("does not split areas"), "{m}");
+        assert!(m.contains("split_unmap") && m.contains("cut_unmap"), "{m}");
         assert_eq!(e.errno(), Some(libc::ENOENT));
     }
 
