@@ -37,24 +37,13 @@ impl ConvRow {
     }
 }
 
-/// The library on a fresh iommufd: every step through `DmaSpace::convert`; before each
-/// step the exact plan the space is about to execute is inspected, and every unmap it
-/// contains must cover only pages that are private once the step is done.
-pub fn conv_library(edu: &Edu, shape: &Shape, steps: &[Step], strategy: Strategy) -> Res<ConvRow> {
+/// A fresh space as `options` say, on its own iommufd, with `edu` attached and the
+/// churn's region added: a memfd (allocated beforehand) at `GPA`, every page private.
+pub fn churn_space(edu: &Edu, shape: &Shape, options: SpaceOptions) -> Res<(DmaSpace, Device)> {
     let iommufd = Arc::new(Iommufd::open().map_err(err("open /dev/iommu"))?);
-    let options = SpaceOptions {
-        conversions: true,
-        force_strategy: Some(strategy),
-        ..Default::default()
-    };
     let mut space = DmaSpace::iommufd(&iommufd, None, options).map_err(err("DmaSpace"))?;
     let dev = Device::open_cdev(&edu.cdev).map_err(err("opening the edu cdev"))?;
     space.attach(&dev).map_err(err("attach"))?;
-    if strategy == Strategy::Cut {
-        if let vfio_gmem::dma::CutSupport::Unavailable(why) = space.cut_support() {
-            return Err(format!("cut unavailable: {why}"));
-        }
-    }
     let memfd = Memfd::new("bench-churn", shape.region).map_err(err("memfd"))?;
     memfd
         .allocate(0, shape.region)
@@ -66,6 +55,24 @@ pub fn conv_library(edu: &Edu, shape: &Shape, steps: &[Step], strategy: Strategy
                 .convertible(PageState::Private),
         )
         .map_err(err("add_region"))?;
+    Ok((space, dev))
+}
+
+/// The library on a fresh iommufd: every step through `DmaSpace::convert`; before each
+/// step the exact plan the space is about to execute is inspected, and every unmap it
+/// contains must cover only pages that are private once the step is done.
+pub fn conv_library(edu: &Edu, shape: &Shape, steps: &[Step], strategy: Strategy) -> Res<ConvRow> {
+    let options = SpaceOptions {
+        conversions: true,
+        force_strategy: Some(strategy),
+        ..Default::default()
+    };
+    let (mut space, dev) = churn_space(edu, shape, options)?;
+    if strategy == Strategy::Cut {
+        if let vfio_gmem::dma::CutSupport::Unavailable(why) = space.cut_support() {
+            return Err(format!("cut unavailable: {why}"));
+        }
+    }
     let before = *space.totals();
     let mut model = Model::new(shape);
     let (mut peak, mut checked, mut transient) = (0, 0u64, 0u64);

@@ -48,7 +48,6 @@ struct Library {
 
 impl Library {
     fn new(edu: &Edu, shape: &Shape, strategy: Strategy) -> Res<Self> {
-        let iommufd = Arc::new(Iommufd::open().map_err(err("open /dev/iommu"))?);
         // The per-granule fallback as a VMM meets it (no cut here: `conversions` off,
         // huge pages on, no compat designation), like the raw per-page loop's IOAS.
         let options = SpaceOptions {
@@ -56,9 +55,7 @@ impl Library {
             force_strategy: Some(strategy),
             ..Default::default()
         };
-        let mut space = DmaSpace::iommufd(&iommufd, None, options).map_err(err("DmaSpace"))?;
-        let dev = Device::open_cdev(&edu.cdev).map_err(err("opening the edu cdev"))?;
-        space.attach(&dev).map_err(err("attach"))?;
+        let (space, dev) = churn_space(edu, shape, options)?;
         if strategy == Strategy::Cut && space.cut_support() != &vfio_gmem::dma::CutSupport::Verified
         {
             return Err(format!(
@@ -67,17 +64,6 @@ impl Library {
                 space.cut_support()
             ));
         }
-        let memfd = Memfd::new("bench-paired", shape.region).map_err(err("memfd"))?;
-        memfd
-            .allocate(0, shape.region)
-            .map_err(err("memfd allocate"))?;
-        let fd = memfd.as_fd().try_clone_to_owned().map_err(err("dup"))?;
-        space
-            .add_region(
-                GuestRegion::new(GPA, shape.region, SharedMemory::File { fd, offset: 0 })
-                    .convertible(PageState::Private),
-            )
-            .map_err(err("add_region"))?;
         let start = *space.totals();
         Ok(Library {
             space,
