@@ -7,6 +7,7 @@
 //! |---|---|
 //! | `model` | pages, regions' specs, backings, strategies, areas: the vocabulary |
 //! | `ranges`, `pages` | half-open range sets and per-page bitmaps |
+//! | `areamap` | the tracker's live areas, ordered by IOVA (a two-level sorted array) |
 //! | `region`, `tracker` | the tracker: registered regions and live areas; commit, reconcile |
 //! | `planner` | the tracker's `plan_*` methods: request → [`ops::Plan`] |
 //! | `ops` | the operations a plan is made of |
@@ -14,6 +15,7 @@
 //! | `scratch` | where a probe may map: the lowest free IOVA |
 //! | `buffers` | working memory the planner reuses across plans (no allocation per conversion) |
 
+pub(crate) mod areamap;
 pub(crate) mod buffers;
 pub(crate) mod error;
 pub(crate) mod model;

@@ -10,6 +10,7 @@
 
 use std::fmt;
 
+use super::areamap::Pos;
 use super::model::{Area, Backing, PageState, RegionId};
 use super::ranges::fmt_range;
 use super::region::Region;
@@ -220,6 +221,19 @@ pub struct Plan {
     pub(crate) generation: u64,
     pub(crate) areas_before: usize,
     pub(crate) areas_after: usize,
+    /// Where the plan's first area-changing op lands in the tracker's area map, as the
+    /// planner found it: committing the plan then needs no search for it.
+    pub(crate) hint: Option<AreaHint>,
+}
+
+/// For `ops[op]` of a plan, the position of the last area starting below its key (an
+/// unmap's end, a map's first IOVA), `None` if no area does. Valid only while the
+/// tracker is at the plan's generation and before any other op of the plan changed an
+/// area.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AreaHint {
+    pub(crate) op: usize,
+    pub(crate) below: Option<Pos>,
 }
 
 impl Plan {

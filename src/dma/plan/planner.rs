@@ -18,11 +18,13 @@
 
 use std::ops::Range;
 
+use super::areamap::Pos;
 use super::buffers::{normalize, push_merged, PlanBuffers};
 use super::error::{check_page_aligned, PlanError};
 use super::model::{Area, PageState, RegionId, RegionSpec, Strategy, PAGE_SIZE};
 use super::ops::{
-    AttributesOp, ConversionRequest, DiscardOp, MapOp, Op, Plan, RegionChange, UnmapKind, UnmapOp,
+    AreaHint, AttributesOp, ConversionRequest, DiscardOp, MapOp, Op, Plan, RegionChange, UnmapKind,
+    UnmapOp,
 };
 use super::pages::PageBitmap;
 use super::region::Region;
@@ -72,6 +74,7 @@ impl Tracker {
         let before = self.areas.len();
         Ok(Plan {
             areas_after: before + ops.len(),
+            hint: None,
             ops,
             change: RegionChange::Register(Box::new(region)),
             generation: self.generation,
@@ -184,6 +187,7 @@ impl Tracker {
             generation: self.generation,
             areas_before: before,
             areas_after: before - areas.len(),
+            hint: None,
         })
     }
 
@@ -258,14 +262,16 @@ impl Tracker {
         let mut ops = std::mem::take(&mut b.ops);
         ops.clear();
         let ir = reg.gpa_to_iova(range.start)..reg.gpa_to_iova(range.end);
+        let mut hint = None;
         if req.to == PageState::Private {
             let kind = match reg.strategy() {
                 Strategy::Cut => UnmapKind::Cut,
                 Strategy::PerGranule => UnmapKind::Native,
                 Strategy::Whole => unreachable!("validated convertible"),
             };
-            if let Some((op, delta)) = self.unmap_for(ir.clone(), kind, &mut b.restores) {
+            if let Some((op, delta, below)) = self.unmap_for(ir.clone(), kind, &mut b.restores) {
                 areas += delta;
+                hint = Some(AreaHint { op: 0, below });
                 ops.push(Op::Unmap(op));
             }
         }
@@ -278,7 +284,12 @@ impl Tracker {
             })
         }));
         if req.to == PageState::Shared {
-            areas += self.push_gap_maps(&mut ops, &mut b.gaps, reg, ir);
+            let op = ops.len();
+            let (maps, below) = self.push_gap_maps(&mut ops, &mut b.gaps, reg, ir);
+            if maps > 0 {
+                hint = Some(AreaHint { op, below });
+            }
+            areas += maps;
         } else if req.discard {
             ops.push(Op::Discard(DiscardOp {
                 region: reg.id,
@@ -294,6 +305,7 @@ impl Tracker {
             generation: self.generation,
             areas_before: before,
             areas_after: areas as usize,
+            hint,
         }))
     }
 
@@ -397,7 +409,7 @@ impl Tracker {
             (&*native_iova, UnmapKind::Native),
         ] {
             for ir in set {
-                if let Some((op, delta)) = self.unmap_for(ir.clone(), kind, restores) {
+                if let Some((op, delta, _)) = self.unmap_for(ir.clone(), kind, restores) {
                     areas += delta;
                     unmaps.push(op);
                 }
@@ -432,7 +444,7 @@ impl Tracker {
         for r in to_shared.iter() {
             for (reg, piece) in self.pieces(r.clone()) {
                 let ir = reg.gpa_to_iova(piece.start)..reg.gpa_to_iova(piece.end);
-                areas += self.push_gap_maps(&mut ops, gaps, reg, ir);
+                areas += self.push_gap_maps(&mut ops, gaps, reg, ir).0;
             }
         }
 
@@ -455,28 +467,36 @@ impl Tracker {
             generation: self.generation,
             areas_before: before,
             areas_after: areas as usize,
+            hint: None,
         })
     }
 
     /// Pushes the maps of the unmapped parts of IOVA range `ir` of `reg`, ascending;
-    /// returns how many. `gaps` is working memory.
+    /// returns how many, and the position of the last area starting below the first
+    /// map's IOVA (its place in the area map). `gaps` is working memory.
     fn push_gap_maps(
         &self,
         ops: &mut Vec<Op>,
         gaps: &mut Vec<Range<u64>>,
         reg: &Region,
         ir: Range<u64>,
-    ) -> isize {
-        // The gaps, found top down with one lookup, then mapped bottom up.
+    ) -> (isize, Option<Pos>) {
+        // The gaps, found top down with one lookup, then mapped bottom up; `below` is
+        // the area under the lowest gap found so far (each gap's is the area whose end
+        // starts it; the last gap, from `ir.start`, has the area the walk stopped at).
         gaps.clear();
         let mut cursor = ir.end;
-        for (_, a) in self.areas.range(..ir.end).rev() {
+        let mut below = None;
+        let mut stop = None;
+        for (p, a) in self.areas.below(ir.end) {
             let end = a.iova + a.len;
             if end <= ir.start {
+                stop = Some(p);
                 break;
             }
             if end < cursor {
                 gaps.push(end..cursor);
+                below = Some(p);
             }
             cursor = cursor.min(a.iova);
             if cursor <= ir.start {
@@ -485,28 +505,33 @@ impl Tracker {
         }
         if cursor > ir.start {
             gaps.push(ir.start..cursor);
+            below = stop;
         }
-        gaps.iter()
+        let maps = gaps
+            .iter()
             .rev()
             .map(|gap| push_maps(ops, reg, gap.clone()))
-            .sum()
+            .sum();
+        (maps, below)
     }
 
-    /// The unmap of the mapped pieces inside IOVA range `ir`, with its area-count delta;
-    /// its restore list comes from `restores` when one is kept.
+    /// The unmap of the mapped pieces inside IOVA range `ir`, with its area-count delta
+    /// and the position of the last area starting below its end; its restore list comes
+    /// from `restores` when one is kept.
     fn unmap_for(
         &self,
         ir: Range<u64>,
         kind: UnmapKind,
         restores: &mut Vec<Vec<MapOp>>,
-    ) -> Option<(UnmapOp, isize)> {
+    ) -> Option<(UnmapOp, isize, Option<Pos>)> {
         // One lookup: the areas starting below the range's end, walked down while they
         // reach into it (areas are disjoint, so their ends descend too).
         let mut restore = restores.pop().unwrap_or_default();
         let mut region: Option<&Region> = None;
         let (mut first, mut last) = (None, None);
         let mut count = 0isize;
-        for (_, a) in self.areas.range(..ir.end).rev() {
+        let mut top = None;
+        for (p, a) in self.areas.below(ir.end) {
             if a.iova + a.len <= ir.start {
                 break;
             }
@@ -528,6 +553,7 @@ impl Tracker {
                 len: e - s,
             });
             last.get_or_insert(*a);
+            top.get_or_insert(p);
             first = Some(*a);
             count += 1;
         }
@@ -547,6 +573,7 @@ impl Tracker {
                 restore,
             },
             added - count,
+            top,
         ))
     }
 

@@ -15,9 +15,10 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
+use super::areamap::{AreaMap, Pos};
 use super::error::PlanError;
 use super::model::{Area, PageState, RegionId, PAGE_SIZE};
-use super::ops::{Op, Plan, RegionChange};
+use super::ops::{AreaHint, Op, Plan, RegionChange};
 use super::outcome::{ExecError, Outcome};
 use super::region::Region;
 
@@ -43,7 +44,7 @@ use super::region::Region;
 #[derive(Clone, Debug, Default)]
 pub struct Tracker {
     pub(crate) regions: BTreeMap<u64, Region>,
-    pub(crate) areas: BTreeMap<u64, Area>,
+    pub(crate) areas: AreaMap,
     pub(crate) next_id: u64,
     pub(crate) generation: u64,
 }
@@ -100,7 +101,7 @@ impl Tracker {
 
     /// Live IOMMU areas, by IOVA.
     pub fn areas(&self) -> impl Iterator<Item = &Area> {
-        self.areas.values()
+        self.areas.iter()
     }
 
     /// Number of live IOMMU areas.
@@ -111,10 +112,9 @@ impl Tracker {
     /// Approximate heap bytes used by the tracker (bitmaps plus area and region maps).
     pub fn tracker_bytes(&self) -> usize {
         // A BTreeMap entry costs roughly its key and value plus ~1/11 of a node header;
-        // count key+value plus 16 bytes of overhead per entry.
-        let area_entry = std::mem::size_of::<(u64, Area)>() + 16;
+        // count key+value plus 16 bytes of overhead per region.
         let region_entry = std::mem::size_of::<(u64, Region)>() + 16;
-        self.areas.len() * area_entry
+        self.areas.memory_bytes()
             + self
                 .regions
                 .values()
@@ -124,14 +124,7 @@ impl Tracker {
 
     /// Areas whose IOVA range intersects `r`, ascending.
     pub(crate) fn areas_in(&self, r: Range<u64>) -> impl Iterator<Item = &Area> + '_ {
-        let first = match self.areas.range(..r.start).next_back() {
-            Some((&k, a)) if a.iova + a.len > r.start => k,
-            _ => r.start,
-        };
-        self.areas
-            .range(first..)
-            .map(|(_, a)| a)
-            .take_while(move |a| a.iova < r.end)
+        self.areas.overlapping(r)
     }
 
     /// Records a plan that `execute` (the driver) ran to completion.
@@ -143,7 +136,7 @@ impl Tracker {
     pub(crate) fn commit_keeping_ops(&mut self, plan: Plan) -> Result<Vec<Op>, PlanError> {
         self.check_generation(&plan)?;
         let ops = plan.ops;
-        self.apply(plan.change, &ops, true);
+        self.apply(plan.change, &ops, true, plan.hint);
         Ok(ops)
     }
 
@@ -154,7 +147,8 @@ impl Tracker {
     pub fn reconcile(&mut self, plan: Plan, err: &ExecError) -> Result<(), PlanError> {
         self.check_generation(&plan)?;
         let complete = matches!(err.outcome, Outcome::NotDiscarded { .. });
-        self.apply(plan.change, &err.applied, complete);
+        // The applied calls are not the plan's ops: its hint is not for them.
+        self.apply(plan.change, &err.applied, complete, None);
         Ok(())
     }
 
@@ -168,7 +162,9 @@ impl Tracker {
         Ok(())
     }
 
-    fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool) {
+    /// Records `change` and `ops`; `hint` (a plan's own, for its own ops) places its op in
+    /// the area map without a search.
+    fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool, hint: Option<AreaHint>) {
         let (mut registered, mut deregistered) = (None, None);
         match change {
             RegionChange::Register(r) => {
@@ -179,8 +175,8 @@ impl Tracker {
             RegionChange::Deregister(id) => deregistered = Some(id),
             RegionChange::None => {}
         }
-        for op in ops {
-            self.apply_op(op);
+        for (i, op) in ops.iter().enumerate() {
+            self.apply_op(op, hint.filter(|h| h.op == i).map(|h| h.below));
         }
         let drop_region = match (registered, deregistered) {
             (Some(id), _) if !complete => Some(id).filter(|&id| !self.has_areas(id)),
@@ -199,23 +195,46 @@ impl Tracker {
             .unwrap_or(false)
     }
 
-    fn apply_op(&mut self, op: &Op) {
+    /// Records one op; `below` is the hinted position of the last area starting below the
+    /// op's key (a map's IOVA, an unmap's end), when the plan knew it.
+    fn apply_op(&mut self, op: &Op, below: Option<Option<Pos>>) {
         match op {
             Op::Map(m) => {
-                let prev = self.areas.insert(
-                    m.iova,
-                    Area {
-                        iova: m.iova,
-                        len: m.len,
-                        region: m.region,
-                        offset: m.offset,
-                    },
-                );
-                debug_assert!(prev.is_none(), "tracker mapped {m:?} twice");
+                let area = Area {
+                    iova: m.iova,
+                    len: m.len,
+                    region: m.region,
+                    offset: m.offset,
+                };
+                match below {
+                    Some(below) => self.areas.insert_after(below, area),
+                    None => {
+                        let prev = self.areas.insert(area);
+                        debug_assert!(prev.is_none(), "tracker mapped {m:?} twice");
+                    }
+                }
             }
-            Op::Unmap(u) => self.remove_areas(u.iova..u.iova + u.len),
+            Op::Unmap(u) => {
+                let r = u.iova..u.iova + u.len;
+                let top = below.unwrap_or_else(|| self.areas.last_below(r.end));
+                debug_assert_eq!(top, self.areas.last_below(r.end), "stale hint for {u:?}");
+                self.remove_areas(r, top);
+            }
             Op::SetAttributes(a) => {
                 let r = a.gpa..a.gpa + a.len;
+                // Most attribute ops lie inside one region: no walk over the others.
+                if let Some(reg) =
+                    self.regions.values_mut().next().filter(|reg| {
+                        reg.spec.gpa <= r.start && r.end <= reg.spec.gpa + reg.spec.len
+                    })
+                {
+                    let base = reg.spec.gpa;
+                    reg.private.set_range(
+                        (r.start - base) / PAGE_SIZE..(r.end - base) / PAGE_SIZE,
+                        a.private,
+                    );
+                    return;
+                }
                 for reg in self.regions.values_mut() {
                     let g = reg.gpa_range();
                     let (s, e) = (r.start.max(g.start), r.end.min(g.end));
@@ -235,60 +254,71 @@ impl Tracker {
     /// that, see [`crate::iommufd::Ioas::cut_unmap`]). Returns whether an area was split;
     /// a split changes the tracker, so it bumps the generation.
     pub(crate) fn split_area_at(&mut self, at: u64) -> bool {
-        let Some(&a) = self
-            .areas
-            .range(..at)
-            .next_back()
-            .map(|(_, a)| a)
-            .filter(|a| a.iova + a.len > at)
-        else {
+        let Some(p) = self.areas.last_below(at) else {
             return false;
         };
+        let a = *self.areas.at(p);
+        if a.iova + a.len <= at {
+            return false;
+        }
         let head = at - a.iova;
-        self.areas.insert(a.iova, Area { len: head, ..a });
-        self.areas.insert(
-            at,
-            Area {
-                iova: at,
-                len: a.len - head,
-                offset: a.offset + head,
-                ..a
-            },
-        );
+        self.areas.replace(p, Area { len: head, ..a });
+        self.areas.insert(Area {
+            iova: at,
+            len: a.len - head,
+            offset: a.offset + head,
+            ..a
+        });
         self.generation += 1;
         true
     }
 
     /// Removes `r` from the area map, keeping the parts of areas outside it (the kernel's
     /// cut-then-unmap; for native unmaps the range never cuts, so this is plain removal).
-    fn remove_areas(&mut self, r: Range<u64>) {
-        // Top down, one lookup per area: the highest area starting below the end, while
-        // it reaches into `r`. A left piece keeps its key (shrunk in place) and ends at
-        // `r.start`, a right piece starts at `r.end`: neither is found again.
-        while let Some((_, a)) = self.areas.range_mut(..r.end).next_back() {
-            let whole = *a;
+    /// `top` is the last area starting below `r.end`.
+    fn remove_areas(&mut self, r: Range<u64>, top: Option<Pos>) {
+        // Top down from the last area starting below the end, while areas reach into
+        // `r` (their ends descend too: areas are disjoint). A left piece keeps its key and
+        // ends at `r.start`; a right piece starts at `r.end`, where nothing else starts.
+        let mut at = top;
+        while let Some(p) = at {
+            let whole = *self.areas.at(p);
             let end = whole.iova + whole.len;
             if end <= r.start {
                 break;
             }
+            // Still valid after `p` is replaced or removed: only what follows `p` moves.
+            let before = self.areas.prev(p);
+            let right = (end > r.end).then(|| Area {
+                iova: r.end,
+                len: end - r.end,
+                offset: whole.offset + (r.end - whole.iova),
+                ..whole
+            });
             if whole.iova < r.start {
-                a.len = r.start - whole.iova;
-            } else {
-                self.areas.remove(&whole.iova);
-            }
-            if end > r.end {
-                let right = Area {
-                    iova: r.end,
-                    len: end - r.end,
-                    region: whole.region,
-                    offset: whole.offset + (r.end - whole.iova),
-                };
-                self.areas.insert(right.iova, right);
-            }
-            if whole.iova <= r.start {
-                // Nothing below this area reaches into `r`: no need to look again.
+                self.areas.replace(
+                    p,
+                    Area {
+                        len: r.start - whole.iova,
+                        ..whole
+                    },
+                );
+                if let Some(right) = right {
+                    self.areas.insert(right);
+                }
                 break;
             }
+            match right {
+                Some(right) => self.areas.replace(p, right),
+                None => {
+                    self.areas.remove_at(p);
+                }
+            }
+            if whole.iova == r.start {
+                // Nothing below this area reaches into `r`.
+                break;
+            }
+            at = before;
         }
     }
 }

@@ -1,0 +1,350 @@
+//! The tracker's record of live IOMMU areas, ordered by first IOVA.
+//!
+//! A two-level sorted array: `chunks` holds the areas in ascending runs of at most
+//! [`CHUNK`] entries, `firsts` the first IOVA of each run. Looking an IOVA up is two binary
+//! searches over contiguous memory (the run in `firsts`, the area in the run); inserting
+//! or removing moves at most one run's tail. A conversion touches one or two areas, and
+//! this is where the standard library's B-tree spent most of a conversion's instructions
+//! (node walks on every range search, rebalancing on every insert and remove).
+//!
+//! Invariants:
+//! - areas are disjoint and strictly ascending by `iova` across all runs, in order;
+//! - no run is empty, none holds more than [`CHUNK`] areas;
+//! - `firsts[c] == chunks[c][0].iova` for every run `c`;
+//! - `len` is the total number of areas.
+//!
+//! A position ([`Pos`]) is valid until the next change of the map; a change at `p` leaves
+//! every position before `p` valid.
+
+use std::fmt;
+use std::ops::Range;
+
+use super::model::Area;
+
+/// Most areas in one run; a run that grows past it splits in two halves.
+const CHUNK: usize = 32;
+
+/// Where an area is: run and index in the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Pos {
+    chunk: usize,
+    index: usize,
+}
+
+/// Live areas keyed by first IOVA.
+#[derive(Clone, Default)]
+pub(crate) struct AreaMap {
+    firsts: Vec<u64>,
+    chunks: Vec<Vec<Area>>,
+    len: usize,
+}
+
+impl fmt::Debug for AreaMap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl AreaMap {
+    /// Number of areas.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Every area, ascending.
+    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = &Area> + '_ {
+        self.chunks.iter().flatten()
+    }
+
+    /// Heap bytes held (capacity, not only what is used).
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.firsts.capacity() * std::mem::size_of::<u64>()
+            + self.chunks.capacity() * std::mem::size_of::<Vec<Area>>()
+            + self
+                .chunks
+                .iter()
+                .map(|c| c.capacity() * std::mem::size_of::<Area>())
+                .sum::<usize>()
+    }
+
+    /// The area at `p`.
+    pub(crate) fn at(&self, p: Pos) -> &Area {
+        &self.chunks[p.chunk][p.index]
+    }
+
+    /// Position of the last area starting below `x`.
+    pub(crate) fn last_below(&self, x: u64) -> Option<Pos> {
+        let chunk = self.firsts.partition_point(|&f| f < x).checked_sub(1)?;
+        // `firsts[chunk] < x`: the run has at least one area below `x`.
+        let index = self.chunks[chunk].partition_point(|a| a.iova < x) - 1;
+        Some(Pos { chunk, index })
+    }
+
+    /// The position before `p`, if any.
+    pub(crate) fn prev(&self, p: Pos) -> Option<Pos> {
+        if p.index > 0 {
+            return Some(Pos {
+                index: p.index - 1,
+                ..p
+            });
+        }
+        let chunk = p.chunk.checked_sub(1)?;
+        Some(Pos {
+            chunk,
+            index: self.chunks[chunk].len() - 1,
+        })
+    }
+
+    /// Areas starting below `x`, descending, with their positions.
+    pub(crate) fn below(&self, x: u64) -> Below<'_> {
+        Below {
+            map: self,
+            next: self.last_below(x),
+        }
+    }
+
+    /// Areas whose IOVA range intersects `r`, ascending.
+    pub(crate) fn overlapping(&self, r: Range<u64>) -> impl Iterator<Item = &Area> + '_ {
+        // From the last area starting at or below `r.start` (it may reach into `r`), or
+        // from the first run.
+        let start = self
+            .last_below(r.start.saturating_add(1))
+            .unwrap_or(Pos { chunk: 0, index: 0 });
+        let (head, rest) = match self.chunks.get(start.chunk) {
+            Some(run) => (&run[start.index..], &self.chunks[start.chunk + 1..]),
+            None => (&[][..], &[][..]),
+        };
+        head.iter()
+            .chain(rest.iter().flatten())
+            .skip_while(move |a| a.iova + a.len <= r.start)
+            .take_while(move |a| a.iova < r.end)
+    }
+
+    /// Inserts `a`; returns the area it replaced, one with the same first IOVA.
+    pub(crate) fn insert(&mut self, a: Area) -> Option<Area> {
+        if self.chunks.is_empty() {
+            self.firsts.push(a.iova);
+            self.chunks.push(vec![a]);
+            self.len = 1;
+            return None;
+        }
+        // The run holding the last area at or below `a.iova`, or the first run.
+        let chunk = self
+            .firsts
+            .partition_point(|&f| f <= a.iova)
+            .saturating_sub(1);
+        let run = &mut self.chunks[chunk];
+        let index = run.partition_point(|x| x.iova < a.iova);
+        if let Some(same) = run.get_mut(index).filter(|x| x.iova == a.iova) {
+            return Some(std::mem::replace(same, a));
+        }
+        self.insert_at(Pos { chunk, index }, a);
+        None
+    }
+
+    /// Inserts `a` right after position `below`: the last area starting below `a.iova`
+    /// (`None` if none does) as [`last_below`](Self::last_below) found it before this
+    /// change. No search.
+    pub(crate) fn insert_after(&mut self, below: Option<Pos>, a: Area) {
+        debug_assert_eq!(
+            below,
+            self.last_below(a.iova),
+            "stale position for {a:?} in {self:?}"
+        );
+        debug_assert!(self
+            .first_from(a.iova)
+            .is_none_or(|n| a.iova + a.len <= n.iova));
+        match below {
+            _ if self.chunks.is_empty() => {
+                self.insert(a);
+            }
+            None => self.insert_at(Pos { chunk: 0, index: 0 }, a),
+            Some(p) => self.insert_at(
+                Pos {
+                    index: p.index + 1,
+                    ..p
+                },
+                a,
+            ),
+        }
+    }
+
+    /// The first area starting at or above `x`.
+    fn first_from(&self, x: u64) -> Option<&Area> {
+        self.overlapping(x..u64::MAX).find(|a| a.iova >= x)
+    }
+
+    /// Puts `a` at index `p.index` of run `p.chunk` (which may be one past its end),
+    /// splitting the run if it overflows.
+    fn insert_at(&mut self, p: Pos, a: Area) {
+        if p.index == 0 {
+            self.firsts[p.chunk] = a.iova;
+        }
+        self.len += 1;
+        let run = &mut self.chunks[p.chunk];
+        run.insert(p.index, a);
+        if run.len() > CHUNK {
+            // Room for the new run to fill up and overflow without growing.
+            let mut tail = Vec::with_capacity(CHUNK + 1);
+            tail.extend(run.drain(CHUNK / 2..));
+            self.firsts.insert(p.chunk + 1, tail[0].iova);
+            self.chunks.insert(p.chunk + 1, tail);
+        }
+    }
+
+    /// Replaces the area at `p` with `a`, which must sort where the old one did (after
+    /// the area before `p`, before the one after it).
+    pub(crate) fn replace(&mut self, p: Pos, a: Area) {
+        debug_assert!(self.prev(p).is_none_or(|q| self.at(q).iova < a.iova));
+        debug_assert!(self.chunks[p.chunk]
+            .get(p.index + 1)
+            .or(self.chunks.get(p.chunk + 1).map(|r| &r[0]))
+            .is_none_or(|n| a.iova < n.iova));
+        self.chunks[p.chunk][p.index] = a;
+        if p.index == 0 {
+            self.firsts[p.chunk] = a.iova;
+        }
+    }
+
+    /// Removes and returns the area at `p`.
+    pub(crate) fn remove_at(&mut self, p: Pos) -> Area {
+        let run = &mut self.chunks[p.chunk];
+        let a = run.remove(p.index);
+        self.len -= 1;
+        if run.is_empty() {
+            self.chunks.remove(p.chunk);
+            self.firsts.remove(p.chunk);
+        } else if p.index == 0 {
+            self.firsts[p.chunk] = run[0].iova;
+        }
+        a
+    }
+
+    /// Removes the area starting at `iova`, if there is one.
+    #[cfg(test)]
+    pub(crate) fn remove(&mut self, iova: u64) -> Option<Area> {
+        let p = self.last_below(iova.checked_add(1)?)?;
+        (self.at(p).iova == iova).then(|| self.remove_at(p))
+    }
+}
+
+/// Areas below a bound, descending, with their positions (see [`AreaMap::below`]).
+pub(crate) struct Below<'a> {
+    map: &'a AreaMap,
+    next: Option<Pos>,
+}
+
+impl<'a> Iterator for Below<'a> {
+    type Item = (Pos, &'a Area);
+
+    fn next(&mut self) -> Option<(Pos, &'a Area)> {
+        let p = self.next?;
+        self.next = self.map.prev(p);
+        Some((p, self.map.at(p)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dma::plan::model::RegionId;
+    use std::collections::BTreeMap;
+
+    fn area(iova: u64, len: u64) -> Area {
+        Area {
+            iova,
+            len,
+            region: RegionId(iova % 3),
+            offset: iova / 2,
+        }
+    }
+
+    fn check(m: &AreaMap, model: &BTreeMap<u64, Area>) {
+        assert_eq!(m.len(), model.len());
+        assert!(m.iter().eq(model.values()));
+        assert_eq!(m.firsts.len(), m.chunks.len());
+        for (f, run) in m.firsts.iter().zip(&m.chunks) {
+            assert!(!run.is_empty() && run.len() <= CHUNK);
+            assert_eq!(*f, run[0].iova);
+        }
+    }
+
+    /// Every query and change agrees with a `BTreeMap` doing the same, over long random
+    /// sequences that grow the map past many splits and shrink it back to nothing.
+    #[test]
+    fn agrees_with_a_btree_map() {
+        let mut x: u64 = 5;
+        let mut next = |m: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % m
+        };
+        for round in 0..6 {
+            let (mut m, mut model) = (AreaMap::default(), BTreeMap::new());
+            let span = [64, 400, 5000][round % 3];
+            for step in 0..6000 {
+                // Areas of length 1 at even keys (disjoint, as the tracker keeps them).
+                let k = next(span) * 2;
+                let q = next(span * 2 + 2);
+                let grow = step < 4000;
+                match next(9) {
+                    0..=2 if grow => {
+                        assert_eq!(m.insert(area(k, 1)), model.insert(k, area(k, 1)));
+                    }
+                    3 if grow => {
+                        // By position, where the key is free.
+                        if !model.contains_key(&k) {
+                            m.insert_after(m.last_below(k), area(k, 1));
+                            model.insert(k, area(k, 1));
+                        }
+                    }
+                    0..=4 => assert_eq!(m.remove(k), model.remove(&k)),
+                    5 => {
+                        let p = m.last_below(q);
+                        let want = model.range(..q).next_back().map(|(_, a)| *a);
+                        assert_eq!(p.map(|p| *m.at(p)), want);
+                        if let Some(p) = p.filter(|_| next(2) == 0) {
+                            let old = *m.at(p);
+                            // Same key, new payload.
+                            let new = Area { len: 2, ..old };
+                            m.replace(p, new);
+                            model.insert(old.iova, new);
+                            let before = m.prev(p).map(|p| *m.at(p));
+                            let want = model.range(..old.iova).next_back().map(|(_, a)| *a);
+                            assert_eq!(before, want);
+                        }
+                    }
+                    6 => {
+                        let got: Vec<Area> = m
+                            .below(q)
+                            .map(|(p, a)| {
+                                assert_eq!(m.at(p), a);
+                                *a
+                            })
+                            .collect();
+                        let want: Vec<Area> = model.range(..q).rev().map(|(_, a)| *a).collect();
+                        assert_eq!(got, want);
+                    }
+                    _ => {
+                        let r = q..q + next(40);
+                        let got: Vec<Area> = m.overlapping(r.clone()).copied().collect();
+                        let want: Vec<Area> = model
+                            .values()
+                            .filter(|a| a.iova < r.end && a.iova + a.len > r.start)
+                            .copied()
+                            .collect();
+                        assert_eq!(got, want, "step {step} {r:?}");
+                    }
+                }
+                if step % 97 == 0 {
+                    check(&m, &model);
+                }
+            }
+            while let Some((&k, _)) = model.iter().next() {
+                assert_eq!(m.remove(k), model.remove(&k));
+            }
+            check(&m, &model);
+        }
+    }
+}
