@@ -294,10 +294,10 @@ mod tests {
                     }
                     3 if grow => {
                         // By position, where the key is free.
-                        if !model.contains_key(&k) {
+                        model.entry(k).or_insert_with(|| {
                             m.insert_after(m.last_below(k), area(k, 1));
-                            model.insert(k, area(k, 1));
-                        }
+                            area(k, 1)
+                        });
                     }
                     0..=4 => assert_eq!(m.remove(k), model.remove(&k)),
                     5 => {
