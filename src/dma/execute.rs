@@ -46,50 +46,16 @@ pub fn execute<E: Executor + ?Sized>(plan: &Plan, exec: &mut E) -> Result<Stats,
             ..Stats::default()
         },
     };
-    let ops = &plan.ops;
-    let first_discard = ops
-        .iter()
-        .position(|o| matches!(o, Op::Discard(_)))
-        .unwrap_or(ops.len());
-    for (k, op) in ops[..first_discard].iter().enumerate() {
+    for (k, op) in plan.ops.iter().enumerate() {
+        if let Op::Discard(_) = op {
+            // Discards come last: the rest of the plan is discards.
+            return run.discard(plan, k);
+        }
         if let Err(error) = run.forward(op) {
             return Err(run.roll_back(plan, k, error));
         }
     }
-    if first_discard == ops.len() {
-        return Ok(run.stats);
-    }
-    let mut failed: Option<(usize, OpError)> = None;
-    let mut not_discarded = RangeSet::new();
-    let mut applied_discards = Vec::new();
-    for (i, op) in ops.iter().enumerate().skip(first_discard) {
-        match run.forward(op) {
-            Ok(()) => applied_discards.push(op.clone()),
-            Err(e) => {
-                if let Op::Discard(d) = op {
-                    not_discarded.insert(d.gpa..d.gpa + d.len);
-                }
-                failed.get_or_insert((i, e));
-            }
-        }
-    }
-    match failed {
-        None => Ok(run.stats),
-        Some((i, error)) => {
-            let mut applied = ops[..first_discard].to_vec();
-            applied.extend(applied_discards);
-            Err(ExecError {
-                op_index: i,
-                op: ops[i].clone(),
-                error,
-                outcome: Outcome::NotDiscarded {
-                    ranges: not_discarded,
-                },
-                applied,
-                stats: run.stats,
-            })
-        }
-    }
+    Ok(run.stats)
 }
 
 struct Run<'a, E: ?Sized> {
@@ -131,7 +97,46 @@ impl<E: Executor + ?Sized> Run<'_, E> {
         Ok(())
     }
 
+    /// Runs the discards `plan.ops[first..]` after every other op succeeded: each is
+    /// tried; a failure undoes nothing (a discard cannot be undone and every page it
+    /// targets is private already).
+    #[allow(clippy::result_large_err)] // the error path is cold; callers want the fields
+    fn discard(mut self, plan: &Plan, first: usize) -> Result<Stats, ExecError> {
+        let ops = &plan.ops;
+        let mut failed: Option<(usize, OpError)> = None;
+        let mut not_discarded = RangeSet::new();
+        let mut applied_discards = Vec::new();
+        for (i, op) in ops.iter().enumerate().skip(first) {
+            match self.forward(op) {
+                Ok(()) => applied_discards.push(op.clone()),
+                Err(e) => {
+                    if let Op::Discard(d) = op {
+                        not_discarded.insert(d.gpa..d.gpa + d.len);
+                    }
+                    failed.get_or_insert((i, e));
+                }
+            }
+        }
+        let Some((i, error)) = failed else {
+            return Ok(self.stats);
+        };
+        let mut applied = ops[..first].to_vec();
+        applied.extend(applied_discards);
+        Err(ExecError {
+            op_index: i,
+            op: ops[i].clone(),
+            error,
+            outcome: Outcome::NotDiscarded {
+                ranges: not_discarded,
+            },
+            applied,
+            stats: self.stats,
+        })
+    }
+
     /// Undoes ops `k-1..=0` after op `k` failed with `error`.
+    #[cold]
+    #[inline(never)]
     fn roll_back(&mut self, plan: &Plan, k: usize, error: OpError) -> ExecError {
         let mut applied = plan.ops[..k].to_vec();
         let mut stopped: Option<(usize, Op, OpError)> = None;

@@ -96,10 +96,16 @@ impl AreaMap {
     }
 
     /// Areas starting below `x`, descending, with their positions.
+    #[cfg(test)]
     pub(crate) fn below(&self, x: u64) -> Below<'_> {
+        self.down_from(self.last_below(x))
+    }
+
+    /// The area at `from` and those before it, descending, with their positions.
+    pub(crate) fn down_from(&self, from: Option<Pos>) -> Below<'_> {
         Below {
             map: self,
-            next: self.last_below(x),
+            next: from,
         }
     }
 

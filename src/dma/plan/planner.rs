@@ -132,7 +132,7 @@ impl Tracker {
                  make it convertible to start private",
             ));
         }
-        for r in self.regions.values() {
+        for r in &self.regions {
             let g = r.gpa_range();
             if spec.gpa < g.end && g.start < gpa_end {
                 return Err(PlanError::GpaOverlap {
@@ -269,20 +269,22 @@ impl Tracker {
                 Strategy::PerGranule => UnmapKind::Native,
                 Strategy::Whole => unreachable!("validated convertible"),
             };
-            if let Some((op, delta, below)) = self.unmap_for(ir.clone(), kind, &mut b.restores) {
+            if let Some((op, delta, below)) =
+                self.unmap_for(ir.clone(), kind, Some(reg), &mut b.restores)
+            {
                 areas += delta;
                 hint = Some(AreaHint { op: 0, below });
                 ops.push(Op::Unmap(op));
             }
         }
         // Runs of one bitmap scan are maximal: no merging needed.
-        ops.extend(reg.runs(range.clone(), req.to.flip()).map(|f| {
-            Op::SetAttributes(AttributesOp {
+        for f in reg.runs(range.clone(), req.to.flip()) {
+            ops.push(Op::SetAttributes(AttributesOp {
                 gpa: f.start,
                 len: f.end - f.start,
                 private: req.to == PageState::Private,
-            })
-        }));
+            }));
+        }
         if req.to == PageState::Shared {
             let op = ops.len();
             let (maps, below) = self.push_gap_maps(&mut ops, &mut b.gaps, reg, ir);
@@ -409,7 +411,7 @@ impl Tracker {
             (&*native_iova, UnmapKind::Native),
         ] {
             for ir in set {
-                if let Some((op, delta, _)) = self.unmap_for(ir.clone(), kind, restores) {
+                if let Some((op, delta, _)) = self.unmap_for(ir.clone(), kind, None, restores) {
                     areas += delta;
                     unmaps.push(op);
                 }
@@ -484,11 +486,19 @@ impl Tracker {
         // The gaps, found top down with one lookup, then mapped bottom up; `below` is
         // the area under the lowest gap found so far (each gap's is the area whose end
         // starts it; the last gap, from `ir.start`, has the area the walk stopped at).
+        let top = self.areas.last_below(ir.end);
+        if top.is_none_or(|p| {
+            let a = self.areas.at(p);
+            a.iova + a.len <= ir.start
+        }) {
+            // The common case: nothing of the range is mapped, one gap.
+            return (push_maps(ops, reg, ir), top);
+        }
         gaps.clear();
         let mut cursor = ir.end;
         let mut below = None;
         let mut stop = None;
-        for (p, a) in self.areas.below(ir.end) {
+        for (p, a) in self.areas.down_from(top) {
             let end = a.iova + a.len;
             if end <= ir.start {
                 stop = Some(p);
@@ -517,21 +527,51 @@ impl Tracker {
 
     /// The unmap of the mapped pieces inside IOVA range `ir`, with its area-count delta
     /// and the position of the last area starting below its end; its restore list comes
-    /// from `restores` when one is kept.
+    /// from `restores` when one is kept. `region`, if given, holds all of `ir`.
     fn unmap_for(
         &self,
         ir: Range<u64>,
         kind: UnmapKind,
+        region: Option<&Region>,
         restores: &mut Vec<Vec<MapOp>>,
     ) -> Option<(UnmapOp, isize, Option<Pos>)> {
         // One lookup: the areas starting below the range's end, walked down while they
         // reach into it (areas are disjoint, so their ends descend too).
+        let top = self.areas.last_below(ir.end)?;
+        let a = *self.areas.at(top);
+        let a_end = a.iova + a.len;
+        if a_end <= ir.start {
+            return None;
+        }
         let mut restore = restores.pop().unwrap_or_default();
-        let mut region: Option<&Region> = None;
+        let mut region = region.filter(|r| r.id == a.region);
+        if a.iova <= ir.start {
+            // The common case: one area holds the whole mapped part of the range.
+            let (s, e) = (ir.start, a_end.min(ir.end));
+            debug_assert!(kind == UnmapKind::Cut || (s == a.iova && e == a_end));
+            let reg = region.unwrap_or_else(|| self.region(a.region).expect("area of a region"));
+            restore.push(MapOp {
+                region: a.region,
+                backing: reg.spec.shared,
+                iova: s,
+                offset: a.offset + (s - a.iova),
+                len: e - s,
+            });
+            let added = isize::from(a.iova < ir.start) + isize::from(a_end > ir.end);
+            return Some((
+                UnmapOp {
+                    iova: s,
+                    len: e - s,
+                    kind,
+                    restore,
+                },
+                added - 1,
+                Some(top),
+            ));
+        }
         let (mut first, mut last) = (None, None);
         let mut count = 0isize;
-        let mut top = None;
-        for (p, a) in self.areas.below(ir.end) {
+        for (_, a) in self.areas.down_from(Some(top)) {
             if a.iova + a.len <= ir.start {
                 break;
             }
@@ -553,13 +593,11 @@ impl Tracker {
                 len: e - s,
             });
             last.get_or_insert(*a);
-            top.get_or_insert(p);
             first = Some(*a);
             count += 1;
         }
         let (Some(first), Some(last)) = (first, last) else {
-            restores.push(restore);
-            return None;
+            unreachable!("the walk starts at an area reaching into the range");
         };
         restore.reverse();
         let added = isize::from(first.iova < ir.start) + isize::from(last.iova + last.len > ir.end);
@@ -573,7 +611,7 @@ impl Tracker {
                 restore,
             },
             added - count,
-            top,
+            Some(top),
         ))
     }
 
@@ -607,8 +645,9 @@ impl Tracker {
     }
 
     fn nearest_region(&self, gpa: u64) -> Option<(RegionId, Range<u64>)> {
-        let below = self.regions.range(..=gpa).next_back().map(|(_, r)| r);
-        let above = self.regions.range(gpa..).next().map(|(_, r)| r);
+        let i = self.regions.partition_point(|r| r.spec.gpa <= gpa);
+        let below = i.checked_sub(1).map(|i| &self.regions[i]);
+        let above = self.regions.get(i);
         let dist = |r: &Region| {
             let g = r.gpa_range();
             if gpa < g.start {
@@ -631,9 +670,11 @@ impl Tracker {
         let whole = first.filter(|x| r.end <= x.spec.gpa + x.spec.len);
         let rest = whole.is_none().then(|| {
             let from = first.map(|x| x.spec.gpa).unwrap_or(r.start);
-            self.regions
-                .range(from..r.end)
-                .map(move |(_, reg)| {
+            let lo = self.regions.partition_point(|x| x.spec.gpa < from);
+            let hi = self.regions.partition_point(|x| x.spec.gpa < r.end);
+            self.regions[lo..hi]
+                .iter()
+                .map(move |reg| {
                     let g = reg.gpa_range();
                     (reg, r.start.max(g.start)..r.end.min(g.end))
                 })

@@ -1,7 +1,8 @@
 //! The tracker: registered regions, per-page KVM attribute state and live IOMMU areas.
 //!
 //! Invariants:
-//! - regions are disjoint in GPA and in IOVA; keyed by first GPA;
+//! - regions are disjoint in GPA and in IOVA; kept sorted by first GPA (a guest has a
+//!   handful: a sorted array is both the smallest and the fastest map for them);
 //! - a region's bitmap has one bit per page, set = private attribute;
 //! - `areas` is keyed by first IOVA, areas are disjoint, each lies inside one region's
 //!   IOVA range and records the offset within that region it maps;
@@ -12,7 +13,6 @@
 //! - the tracker changes only in `commit`/`reconcile` (and `split_area_at`, which
 //!   records a cut a failed call left in the kernel), each bumping `generation`.
 
-use std::collections::BTreeMap;
 use std::ops::Range;
 
 use super::areamap::{AreaMap, Pos};
@@ -43,7 +43,7 @@ use super::region::Region;
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Tracker {
-    pub(crate) regions: BTreeMap<u64, Region>,
+    pub(crate) regions: Vec<Region>,
     pub(crate) areas: AreaMap,
     pub(crate) next_id: u64,
     pub(crate) generation: u64,
@@ -62,36 +62,28 @@ impl Tracker {
 
     /// Registered regions, by GPA.
     pub fn regions(&self) -> impl Iterator<Item = &Region> {
-        self.regions.values()
+        self.regions.iter()
     }
 
     /// The region with this id.
     pub fn region(&self, id: RegionId) -> Option<&Region> {
-        self.regions.values().find(|r| r.id == id)
+        self.regions.iter().find(|r| r.id == id)
     }
 
     /// The region containing `gpa`.
     pub fn region_at(&self, gpa: u64) -> Option<&Region> {
-        // A guest has a handful of regions: a scan beats the B-tree's range search, and
-        // one region needs no iterator at all.
-        if self.regions.len() == 1 {
-            return self
-                .regions
-                .first_key_value()
-                .map(|(_, r)| r)
-                .filter(|r| r.spec.gpa <= gpa && gpa < r.spec.gpa + r.spec.len);
-        }
-        if self.regions.len() <= 4 {
-            return self
-                .regions
-                .values()
-                .find(|r| r.spec.gpa <= gpa && gpa < r.spec.gpa + r.spec.len);
-        }
-        self.regions
-            .range(..=gpa)
-            .next_back()
-            .map(|(_, r)| r)
-            .filter(|r| gpa < r.spec.gpa + r.spec.len)
+        self.region_index_at(gpa).map(|i| &self.regions[i])
+    }
+
+    /// Index in `regions` of the region containing `gpa`.
+    pub(crate) fn region_index_at(&self, gpa: u64) -> Option<usize> {
+        let i = match self.regions.as_slice() {
+            // One region (the common guest) needs no search.
+            [_] => 0,
+            v => v.partition_point(|r| r.spec.gpa <= gpa).checked_sub(1)?,
+        };
+        let r = &self.regions[i];
+        (r.spec.gpa <= gpa && gpa < r.spec.gpa + r.spec.len).then_some(i)
     }
 
     /// State of the page containing `gpa`, if registered.
@@ -111,13 +103,11 @@ impl Tracker {
 
     /// Approximate heap bytes used by the tracker (bitmaps plus area and region maps).
     pub fn tracker_bytes(&self) -> usize {
-        // A BTreeMap entry costs roughly its key and value plus ~1/11 of a node header;
-        // count key+value plus 16 bytes of overhead per region.
-        let region_entry = std::mem::size_of::<(u64, Region)>() + 16;
+        let region_entry = std::mem::size_of::<Region>();
         self.areas.memory_bytes()
             + self
                 .regions
-                .values()
+                .iter()
                 .map(|r| region_entry + r.private.memory_bytes())
                 .sum::<usize>()
     }
@@ -170,7 +160,8 @@ impl Tracker {
             RegionChange::Register(r) => {
                 registered = Some(r.id);
                 self.next_id = self.next_id.max(r.id.0 + 1);
-                self.regions.insert(r.spec.gpa, *r);
+                let at = self.regions.partition_point(|x| x.spec.gpa < r.spec.gpa);
+                self.regions.insert(at, *r);
             }
             RegionChange::Deregister(id) => deregistered = Some(id),
             RegionChange::None => {}
@@ -184,7 +175,7 @@ impl Tracker {
             _ => None,
         };
         if let Some(id) = drop_region {
-            self.regions.retain(|_, r| r.id != id);
+            self.regions.retain(|r| r.id != id);
         }
         self.generation += 1;
     }
@@ -223,10 +214,10 @@ impl Tracker {
             Op::SetAttributes(a) => {
                 let r = a.gpa..a.gpa + a.len;
                 // Most attribute ops lie inside one region: no walk over the others.
-                if let Some(reg) =
-                    self.regions.values_mut().next().filter(|reg| {
-                        reg.spec.gpa <= r.start && r.end <= reg.spec.gpa + reg.spec.len
-                    })
+                if let Some(reg) = self
+                    .region_index_at(r.start)
+                    .map(|i| &mut self.regions[i])
+                    .filter(|reg| r.end <= reg.spec.gpa + reg.spec.len)
                 {
                     let base = reg.spec.gpa;
                     reg.private.set_range(
@@ -235,7 +226,7 @@ impl Tracker {
                     );
                     return;
                 }
-                for reg in self.regions.values_mut() {
+                for reg in self.regions.iter_mut() {
                     let g = reg.gpa_range();
                     let (s, e) = (r.start.max(g.start), r.end.min(g.end));
                     if s < e {
