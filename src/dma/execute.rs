@@ -278,20 +278,22 @@ impl Tracker {
         }
     }
 
-    /// [`run`](Self::run), giving a successful plan's op list back to `buffers`.
+    /// [`run`](Self::run) of a plan the caller keeps, giving a successful plan's op list
+    /// back to `buffers` (no plan moves on the hot path).
     pub(crate) fn run_recycling<E: Executor + ?Sized>(
         &mut self,
-        plan: Plan,
+        plan: &mut Plan,
         exec: &mut E,
         buffers: &mut PlanBuffers,
     ) -> Result<Stats, DmaError> {
-        match execute(&plan, exec) {
+        match execute(plan, exec) {
             Ok(stats) => {
-                buffers.recycle(self.commit_keeping_ops(plan)?);
+                self.commit_in_place(plan)?;
+                buffers.recycle(std::mem::take(&mut plan.ops));
                 Ok(stats)
             }
             Err(e) => {
-                self.reconcile(plan, &e)?;
+                self.reconcile_in_place(plan, &e)?;
                 Err(e.into())
             }
         }

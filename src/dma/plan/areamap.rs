@@ -24,11 +24,29 @@ use super::model::Area;
 /// Most areas in one run; a run that grows past it splits in two halves.
 const CHUNK: usize = 32;
 
-/// Where an area is: run and index in the run.
+/// Where an area is: run and index in the run (32 bits each: a plan carries one, and
+/// 2^32 runs of areas is far beyond any IOVA space's area count).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Pos {
-    chunk: usize,
-    index: usize,
+    chunk: u32,
+    index: u32,
+}
+
+impl Pos {
+    fn new(chunk: usize, index: usize) -> Self {
+        Pos {
+            chunk: chunk as u32,
+            index: index as u32,
+        }
+    }
+
+    fn chunk(self) -> usize {
+        self.chunk as usize
+    }
+
+    fn index(self) -> usize {
+        self.index as usize
+    }
 }
 
 /// Live areas keyed by first IOVA.
@@ -69,7 +87,7 @@ impl AreaMap {
 
     /// The area at `p`.
     pub(crate) fn at(&self, p: Pos) -> &Area {
-        &self.chunks[p.chunk][p.index]
+        &self.chunks[p.chunk()][p.index()]
     }
 
     /// Position of the last area starting below `x`.
@@ -77,7 +95,7 @@ impl AreaMap {
         let chunk = self.firsts.partition_point(|&f| f < x).checked_sub(1)?;
         // `firsts[chunk] < x`: the run has at least one area below `x`.
         let index = self.chunks[chunk].partition_point(|a| a.iova < x) - 1;
-        Some(Pos { chunk, index })
+        Some(Pos::new(chunk, index))
     }
 
     /// The position before `p`, if any.
@@ -88,11 +106,8 @@ impl AreaMap {
                 ..p
             });
         }
-        let chunk = p.chunk.checked_sub(1)?;
-        Some(Pos {
-            chunk,
-            index: self.chunks[chunk].len() - 1,
-        })
+        let chunk = p.chunk().checked_sub(1)?;
+        Some(Pos::new(chunk, self.chunks[chunk].len() - 1))
     }
 
     /// Areas starting below `x`, descending, with their positions.
@@ -115,9 +130,9 @@ impl AreaMap {
         // from the first run.
         let start = self
             .last_below(r.start.saturating_add(1))
-            .unwrap_or(Pos { chunk: 0, index: 0 });
-        let (head, rest) = match self.chunks.get(start.chunk) {
-            Some(run) => (&run[start.index..], &self.chunks[start.chunk + 1..]),
+            .unwrap_or(Pos::new(0, 0));
+        let (head, rest) = match self.chunks.get(start.chunk()) {
+            Some(run) => (&run[start.index()..], &self.chunks[start.chunk() + 1..]),
             None => (&[][..], &[][..]),
         };
         head.iter()
@@ -144,7 +159,7 @@ impl AreaMap {
         if let Some(same) = run.get_mut(index).filter(|x| x.iova == a.iova) {
             return Some(std::mem::replace(same, a));
         }
-        self.insert_at(Pos { chunk, index }, a);
+        self.insert_at(Pos::new(chunk, index), a);
         None
     }
 
@@ -164,7 +179,7 @@ impl AreaMap {
             _ if self.chunks.is_empty() => {
                 self.insert(a);
             }
-            None => self.insert_at(Pos { chunk: 0, index: 0 }, a),
+            None => self.insert_at(Pos::new(0, 0), a),
             Some(p) => self.insert_at(
                 Pos {
                     index: p.index + 1,
@@ -183,18 +198,18 @@ impl AreaMap {
     /// Puts `a` at index `p.index` of run `p.chunk` (which may be one past its end),
     /// splitting the run if it overflows.
     fn insert_at(&mut self, p: Pos, a: Area) {
-        if p.index == 0 {
-            self.firsts[p.chunk] = a.iova;
+        if p.index() == 0 {
+            self.firsts[p.chunk()] = a.iova;
         }
         self.len += 1;
-        let run = &mut self.chunks[p.chunk];
-        run.insert(p.index, a);
+        let run = &mut self.chunks[p.chunk()];
+        run.insert(p.index(), a);
         if run.len() > CHUNK {
             // Room for the new run to fill up and overflow without growing.
             let mut tail = Vec::with_capacity(CHUNK + 1);
             tail.extend(run.drain(CHUNK / 2..));
-            self.firsts.insert(p.chunk + 1, tail[0].iova);
-            self.chunks.insert(p.chunk + 1, tail);
+            self.firsts.insert(p.chunk() + 1, tail[0].iova);
+            self.chunks.insert(p.chunk() + 1, tail);
         }
     }
 
@@ -202,26 +217,26 @@ impl AreaMap {
     /// the area before `p`, before the one after it).
     pub(crate) fn replace(&mut self, p: Pos, a: Area) {
         debug_assert!(self.prev(p).is_none_or(|q| self.at(q).iova < a.iova));
-        debug_assert!(self.chunks[p.chunk]
-            .get(p.index + 1)
-            .or(self.chunks.get(p.chunk + 1).map(|r| &r[0]))
+        debug_assert!(self.chunks[p.chunk()]
+            .get(p.index() + 1)
+            .or(self.chunks.get(p.chunk() + 1).map(|r| &r[0]))
             .is_none_or(|n| a.iova < n.iova));
-        self.chunks[p.chunk][p.index] = a;
-        if p.index == 0 {
-            self.firsts[p.chunk] = a.iova;
+        self.chunks[p.chunk()][p.index()] = a;
+        if p.index() == 0 {
+            self.firsts[p.chunk()] = a.iova;
         }
     }
 
     /// Removes and returns the area at `p`.
     pub(crate) fn remove_at(&mut self, p: Pos) -> Area {
-        let run = &mut self.chunks[p.chunk];
-        let a = run.remove(p.index);
+        let run = &mut self.chunks[p.chunk()];
+        let a = run.remove(p.index());
         self.len -= 1;
         if run.is_empty() {
-            self.chunks.remove(p.chunk);
-            self.firsts.remove(p.chunk);
-        } else if p.index == 0 {
-            self.firsts[p.chunk] = run[0].iova;
+            self.chunks.remove(p.chunk());
+            self.firsts.remove(p.chunk());
+        } else if p.index() == 0 {
+            self.firsts[p.chunk()] = run[0].iova;
         }
         a
     }

@@ -218,6 +218,18 @@ pub struct Area {
     pub offset: u64,
 }
 
+impl From<&super::ops::MapOp> for Area {
+    /// The area a successful map creates.
+    fn from(m: &super::ops::MapOp) -> Self {
+        Area {
+            iova: m.iova,
+            len: m.len,
+            region: m.region,
+            offset: m.offset,
+        }
+    }
+}
+
 impl Area {
     /// IOVA range covered.
     pub fn iova_range(&self) -> Range<u64> {

@@ -221,19 +221,40 @@ pub struct Plan {
     pub(crate) generation: u64,
     pub(crate) areas_before: usize,
     pub(crate) areas_after: usize,
-    /// Where the plan's first area-changing op lands in the tracker's area map, as the
-    /// planner found it: committing the plan then needs no search for it.
-    pub(crate) hint: Option<AreaHint>,
+    /// What committing the plan changes in the tracker, worked out by the planner for
+    /// one request inside one region (the common conversion); `None` for other plans,
+    /// whose commit replays their ops.
+    pub(crate) edit: Option<Edit>,
 }
 
-/// For `ops[op]` of a plan, the position of the last area starting below its key (an
-/// unmap's end, a map's first IOVA), `None` if no area does. Valid only while the
-/// tracker is at the plan's generation and before any other op of the plan changed an
-/// area.
+/// The tracker change a successful plan makes, computed by the planner: commit applies
+/// it without replaying the ops one by one or searching the area map. Valid only while
+/// the tracker is at the plan's generation (commit checks it).
 #[derive(Clone, Copy, Debug)]
-pub(crate) struct AreaHint {
-    pub(crate) op: usize,
-    pub(crate) below: Option<Pos>,
+pub(crate) struct Edit {
+    /// Index of the request's region in the tracker's region list.
+    pub(crate) region: usize,
+    /// GPA range of that region whose pages end up in the target state.
+    pub(crate) gpa: u64,
+    pub(crate) end: u64,
+    /// The target state: private (`true`) or shared.
+    pub(crate) private: bool,
+    /// What happens to the area map.
+    pub(crate) areas: AreaEdit,
+}
+
+/// The area-map part of an [`Edit`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum AreaEdit {
+    /// The plan maps and unmaps nothing.
+    None,
+    /// Replay the plan's map and unmap ops.
+    Replay,
+    /// IOVA `[start, end)` leaves the area at `at`, which holds all of it.
+    Cut { at: Pos, start: u64, end: u64 },
+    /// The area of map op `op` goes right after `below` (the last area starting below
+    /// it; `None`: first).
+    Insert { below: Option<Pos>, op: usize },
 }
 
 impl Plan {

@@ -63,6 +63,15 @@ impl PageBitmap {
     /// Sets bits `r` to `value`. Panics if `r` reaches past `len`.
     pub fn set_range(&mut self, r: Range<u64>, value: bool) {
         assert!(r.end <= self.len, "range end {} past {}", r.end, self.len);
+        if let Some((w, mask)) = one_word(&r) {
+            // The common case (a conversion of a few pages): one word, one store.
+            if value {
+                self.words[w] |= mask;
+            } else {
+                self.words[w] &= !mask;
+            }
+            return;
+        }
         let mut i = r.start;
         while i < r.end {
             let w = (i / 64) as usize;
@@ -116,6 +125,16 @@ impl PageBitmap {
     pub fn count(&self, r: Range<u64>, value: bool) -> u64 {
         self.runs(r, value).map(|x| x.end - x.start).sum()
     }
+}
+
+/// Word index and bit mask of `r` when it is non-empty and lies inside one word.
+fn one_word(r: &Range<u64>) -> Option<(usize, u64)> {
+    let len = r.end.checked_sub(r.start).filter(|&n| n > 0)?;
+    let w = r.start / 64;
+    if (r.end - 1) / 64 != w {
+        return None;
+    }
+    Some((w as usize, (u64::MAX >> (64 - len)) << (r.start % 64)))
 }
 
 #[cfg(test)]

@@ -18,13 +18,12 @@
 
 use std::ops::Range;
 
-use super::areamap::Pos;
 use super::buffers::{normalize, push_merged, PlanBuffers};
 use super::error::{check_page_aligned, PlanError};
 use super::model::{Area, PageState, RegionId, RegionSpec, Strategy, PAGE_SIZE};
 use super::ops::{
-    AreaHint, AttributesOp, ConversionRequest, DiscardOp, MapOp, Op, Plan, RegionChange, UnmapKind,
-    UnmapOp,
+    AreaEdit, AttributesOp, ConversionRequest, DiscardOp, Edit, MapOp, Op, Plan, RegionChange,
+    UnmapKind, UnmapOp,
 };
 use super::pages::PageBitmap;
 use super::region::Region;
@@ -74,7 +73,7 @@ impl Tracker {
         let before = self.areas.len();
         Ok(Plan {
             areas_after: before + ops.len(),
-            hint: None,
+            edit: None,
             ops,
             change: RegionChange::Register(Box::new(region)),
             generation: self.generation,
@@ -187,7 +186,7 @@ impl Tracker {
             generation: self.generation,
             areas_before: before,
             areas_after: before - areas.len(),
-            hint: None,
+            edit: None,
         })
     }
 
@@ -251,7 +250,7 @@ impl Tracker {
         req: &ConversionRequest,
         b: &mut PlanBuffers,
     ) -> Result<Option<Plan>, PlanError> {
-        let Some((reg, range)) = self.single_region_request(req)? else {
+        let Some((index, reg, range)) = self.single_region_request(req)? else {
             return Ok(None);
         };
         if req.discard && req.to == PageState::Shared {
@@ -262,18 +261,18 @@ impl Tracker {
         let mut ops = std::mem::take(&mut b.ops);
         ops.clear();
         let ir = reg.gpa_to_iova(range.start)..reg.gpa_to_iova(range.end);
-        let mut hint = None;
+        let mut area_edit = AreaEdit::None;
         if req.to == PageState::Private {
             let kind = match reg.strategy() {
                 Strategy::Cut => UnmapKind::Cut,
                 Strategy::PerGranule => UnmapKind::Native,
                 Strategy::Whole => unreachable!("validated convertible"),
             };
-            if let Some((op, delta, below)) =
+            if let Some((op, delta, edit)) =
                 self.unmap_for(ir.clone(), kind, Some(reg), &mut b.restores)
             {
                 areas += delta;
-                hint = Some(AreaHint { op: 0, below });
+                area_edit = edit;
                 ops.push(Op::Unmap(op));
             }
         }
@@ -286,11 +285,8 @@ impl Tracker {
             }));
         }
         if req.to == PageState::Shared {
-            let op = ops.len();
-            let (maps, below) = self.push_gap_maps(&mut ops, &mut b.gaps, reg, ir);
-            if maps > 0 {
-                hint = Some(AreaHint { op, below });
-            }
+            let (maps, edit) = self.push_gap_maps(&mut ops, &mut b.gaps, reg, ir);
+            area_edit = edit;
             areas += maps;
         } else if req.discard {
             ops.push(Op::Discard(DiscardOp {
@@ -307,20 +303,28 @@ impl Tracker {
             generation: self.generation,
             areas_before: before,
             areas_after: areas as usize,
-            hint,
+            edit: Some(Edit {
+                region: index,
+                gpa: range.start,
+                end: range.end,
+                private: req.to == PageState::Private,
+                areas: area_edit,
+            }),
         }))
     }
 
-    /// A request's region when the request lies inside one region, checked as
-    /// [`validate_request`](Self::validate_request) checks it (same errors); `None` when it
-    /// does not start inside a region or reaches past the end of its region.
+    /// A request's region (and its index) when the request lies inside one region,
+    /// checked as [`validate_request`](Self::validate_request) checks it (same errors);
+    /// `None` when it does not start inside a region or reaches past the end of its
+    /// region.
     fn single_region_request(
         &self,
         req: &ConversionRequest,
-    ) -> Result<Option<(&Region, Range<u64>)>, PlanError> {
-        let Some(reg) = self.region_at(req.gpa) else {
+    ) -> Result<Option<(usize, &Region, Range<u64>)>, PlanError> {
+        let Some(index) = self.region_index_at(req.gpa) else {
             return Ok(None);
         };
+        let reg = &self.regions[index];
         let end = match req.gpa.checked_add(req.len) {
             Some(end) if end <= reg.spec.gpa + reg.spec.len => end,
             _ => return Ok(None),
@@ -332,7 +336,7 @@ impl Tracker {
         }
         let range = req.gpa..end;
         check_piece(reg, range.clone(), &range)?;
-        Ok(Some((reg, range)))
+        Ok(Some((index, reg, range)))
     }
 
     /// The general planner: any number of requests over any number of regions.
@@ -469,44 +473,43 @@ impl Tracker {
             generation: self.generation,
             areas_before: before,
             areas_after: areas as usize,
-            hint: None,
+            edit: None,
         })
     }
 
     /// Pushes the maps of the unmapped parts of IOVA range `ir` of `reg`, ascending;
-    /// returns how many, and the position of the last area starting below the first
-    /// map's IOVA (its place in the area map). `gaps` is working memory.
+    /// returns how many, and what they do to the area map. `gaps` is working memory.
     fn push_gap_maps(
         &self,
         ops: &mut Vec<Op>,
         gaps: &mut Vec<Range<u64>>,
         reg: &Region,
         ir: Range<u64>,
-    ) -> (isize, Option<Pos>) {
-        // The gaps, found top down with one lookup, then mapped bottom up; `below` is
-        // the area under the lowest gap found so far (each gap's is the area whose end
-        // starts it; the last gap, from `ir.start`, has the area the walk stopped at).
+    ) -> (isize, AreaEdit) {
         let top = self.areas.last_below(ir.end);
         if top.is_none_or(|p| {
             let a = self.areas.at(p);
             a.iova + a.len <= ir.start
         }) {
             // The common case: nothing of the range is mapped, one gap.
-            return (push_maps(ops, reg, ir), top);
+            let op = ops.len();
+            let maps = push_maps(ops, reg, ir);
+            let edit = match maps {
+                1 => AreaEdit::Insert { below: top, op },
+                _ => AreaEdit::Replay,
+            };
+            return (maps, edit);
         }
+        // The gaps, found top down from there, then mapped bottom up.
         gaps.clear();
         let mut cursor = ir.end;
-        let mut below = None;
-        let mut stop = None;
-        for (p, a) in self.areas.down_from(top) {
+        for (_, a) in self.areas.down_from(top) {
             let end = a.iova + a.len;
             if end <= ir.start {
-                stop = Some(p);
                 break;
             }
             if end < cursor {
                 gaps.push(end..cursor);
-                below = Some(p);
             }
             cursor = cursor.min(a.iova);
             if cursor <= ir.start {
@@ -515,26 +518,29 @@ impl Tracker {
         }
         if cursor > ir.start {
             gaps.push(ir.start..cursor);
-            below = stop;
         }
-        let maps = gaps
+        let maps: isize = gaps
             .iter()
             .rev()
             .map(|gap| push_maps(ops, reg, gap.clone()))
             .sum();
-        (maps, below)
+        let edit = match maps {
+            0 => AreaEdit::None,
+            _ => AreaEdit::Replay,
+        };
+        (maps, edit)
     }
 
     /// The unmap of the mapped pieces inside IOVA range `ir`, with its area-count delta
-    /// and the position of the last area starting below its end; its restore list comes
-    /// from `restores` when one is kept. `region`, if given, holds all of `ir`.
+    /// and what it does to the area map; its restore list comes from `restores` when one
+    /// is kept. `region`, if given, holds all of `ir`.
     fn unmap_for(
         &self,
         ir: Range<u64>,
         kind: UnmapKind,
         region: Option<&Region>,
         restores: &mut Vec<Vec<MapOp>>,
-    ) -> Option<(UnmapOp, isize, Option<Pos>)> {
+    ) -> Option<(UnmapOp, isize, AreaEdit)> {
         // One lookup: the areas starting below the range's end, walked down while they
         // reach into it (areas are disjoint, so their ends descend too).
         let top = self.areas.last_below(ir.end)?;
@@ -566,7 +572,11 @@ impl Tracker {
                     restore,
                 },
                 added - 1,
-                Some(top),
+                AreaEdit::Cut {
+                    at: top,
+                    start: s,
+                    end: e,
+                },
             ));
         }
         let (mut first, mut last) = (None, None);
@@ -611,7 +621,7 @@ impl Tracker {
                 restore,
             },
             added - count,
-            Some(top),
+            AreaEdit::Replay,
         ))
     }
 
@@ -738,6 +748,7 @@ fn push_maps(ops: &mut Vec<Op>, reg: &Region, gap: Range<u64>) -> isize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dma::execute::execute;
     use crate::dma::executor::fake::FakeKernel;
     use crate::dma::plan::model::Backing;
 
@@ -823,5 +834,75 @@ mod tests {
             }
         }
         assert!(fast > 400 && errors > 200, "fast {fast}, errors {errors}");
+    }
+
+    /// Committing a single-request plan through the edit its planner computed leaves the
+    /// tracker exactly as replaying its ops does (areas, attribute bits, generation), over
+    /// random conversions of cut and per-granule regions.
+    #[test]
+    fn a_plans_edit_records_what_replaying_its_ops_records() {
+        const P: u64 = PAGE_SIZE;
+        let (mut mem, mut k) = (Tracker::new(), FakeKernel::new());
+        mem.register(
+            RegionSpec::new(0x10_0000, 256 * P, Backing::Opaque(1)),
+            &mut k,
+        )
+        .unwrap();
+        mem.register(
+            RegionSpec::new(0x40_0000, 64 * P, Backing::Opaque(2))
+                .strategy(Strategy::PerGranule)
+                .granule(4 * P),
+            &mut k,
+        )
+        .unwrap();
+        let mut x: u64 = 3;
+        let mut next = |m: u64| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) % m
+        };
+        let mut kinds = std::collections::BTreeSet::new();
+        for step in 0..3000 {
+            let req = if next(3) == 0 {
+                ConversionRequest::new(0x40_0000 + next(16) * 4 * P, (1 + next(3)) * 4 * P, {
+                    [PageState::Private, PageState::Shared][next(2) as usize]
+                })
+            } else {
+                ConversionRequest::new(0x10_0000 + next(240) * P, (1 + next(16)) * P, {
+                    [PageState::Private, PageState::Shared][next(2) as usize]
+                })
+            };
+            let Ok(plan) = mem.plan_batch(&[req]) else {
+                continue;
+            };
+            let edit = plan
+                .edit
+                .expect("a single request inside a region has an edit");
+            kinds.insert(
+                format!("{:?}", edit.areas)
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap()
+                    .to_owned(),
+            );
+            let mut replayed = mem.clone();
+            let mut plain = plan.clone();
+            plain.edit = None;
+            execute(&plan, &mut k).unwrap();
+            replayed.commit(plain).unwrap();
+            mem.commit(plan).unwrap();
+            assert_eq!(
+                mem.areas().collect::<Vec<_>>(),
+                replayed.areas().collect::<Vec<_>>(),
+                "step {step}: {req:?}"
+            );
+            for (a, b) in mem.regions().zip(replayed.regions()) {
+                assert_eq!(a.private, b.private, "step {step}: {req:?}");
+            }
+            assert_eq!(mem.generation(), replayed.generation());
+        }
+        // Every kind of edit was exercised.
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
     }
 }

@@ -18,7 +18,7 @@ use std::ops::Range;
 use super::areamap::{AreaMap, Pos};
 use super::error::PlanError;
 use super::model::{Area, PageState, RegionId, PAGE_SIZE};
-use super::ops::{AreaHint, Op, Plan, RegionChange};
+use super::ops::{AreaEdit, Edit, Op, Plan, RegionChange};
 use super::outcome::{ExecError, Outcome};
 use super::region::Region;
 
@@ -118,27 +118,43 @@ impl Tracker {
     }
 
     /// Records a plan that `execute` (the driver) ran to completion.
-    pub fn commit(&mut self, plan: Plan) -> Result<(), PlanError> {
-        self.commit_keeping_ops(plan).map(drop)
+    pub fn commit(&mut self, mut plan: Plan) -> Result<(), PlanError> {
+        self.commit_in_place(&mut plan)
     }
 
-    /// [`commit`](Self::commit), handing back the plan's op list (for reuse).
-    pub(crate) fn commit_keeping_ops(&mut self, plan: Plan) -> Result<Vec<Op>, PlanError> {
-        self.check_generation(&plan)?;
-        let ops = plan.ops;
-        self.apply(plan.change, &ops, true, plan.hint);
-        Ok(ops)
+    /// [`commit`](Self::commit) without taking the plan: its region change is taken out,
+    /// its op list left for reuse.
+    pub(crate) fn commit_in_place(&mut self, plan: &mut Plan) -> Result<(), PlanError> {
+        self.check_generation(plan)?;
+        if let Some(edit) = &plan.edit {
+            self.apply_edit(&plan.ops, edit);
+            return Ok(());
+        }
+        let change = std::mem::replace(&mut plan.change, RegionChange::None);
+        self.apply(change, &plan.ops, true);
+        Ok(())
     }
 
     /// Records what a failed plan really did, from the calls that took effect.
     ///
     /// After `RolledBack` the tracker is unchanged but for area boundaries the undo
     /// created (a restored piece of a cut area is a separate area, as in the kernel).
-    pub fn reconcile(&mut self, plan: Plan, err: &ExecError) -> Result<(), PlanError> {
-        self.check_generation(&plan)?;
+    pub fn reconcile(&mut self, mut plan: Plan, err: &ExecError) -> Result<(), PlanError> {
+        self.reconcile_in_place(&mut plan, err)
+    }
+
+    /// [`reconcile`](Self::reconcile) without taking the plan (its region change is
+    /// taken out).
+    pub(crate) fn reconcile_in_place(
+        &mut self,
+        plan: &mut Plan,
+        err: &ExecError,
+    ) -> Result<(), PlanError> {
+        self.check_generation(plan)?;
         let complete = matches!(err.outcome, Outcome::NotDiscarded { .. });
-        // The applied calls are not the plan's ops: its hint is not for them.
-        self.apply(plan.change, &err.applied, complete, None);
+        let change = std::mem::replace(&mut plan.change, RegionChange::None);
+        // What the applied calls did, replayed (the plan's edit assumed all of it ran).
+        self.apply(change, &err.applied, complete);
         Ok(())
     }
 
@@ -152,9 +168,8 @@ impl Tracker {
         Ok(())
     }
 
-    /// Records `change` and `ops`; `hint` (a plan's own, for its own ops) places its op in
-    /// the area map without a search.
-    fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool, hint: Option<AreaHint>) {
+    /// Records `change` and replays `ops`.
+    fn apply(&mut self, change: RegionChange, ops: &[Op], complete: bool) {
         let (mut registered, mut deregistered) = (None, None);
         match change {
             RegionChange::Register(r) => {
@@ -166,8 +181,8 @@ impl Tracker {
             RegionChange::Deregister(id) => deregistered = Some(id),
             RegionChange::None => {}
         }
-        for (i, op) in ops.iter().enumerate() {
-            self.apply_op(op, hint.filter(|h| h.op == i).map(|h| h.below));
+        for op in ops {
+            self.apply_op(op);
         }
         let drop_region = match (registered, deregistered) {
             (Some(id), _) if !complete => Some(id).filter(|&id| !self.has_areas(id)),
@@ -180,35 +195,87 @@ impl Tracker {
         self.generation += 1;
     }
 
+    /// Records a successful plan from the edit its planner computed (see [`Edit`]): the
+    /// same result as replaying its ops, with no search.
+    fn apply_edit(&mut self, ops: &[Op], edit: &Edit) {
+        match edit.areas {
+            AreaEdit::None => {}
+            AreaEdit::Replay => {
+                for op in ops {
+                    if let Op::Map(_) | Op::Unmap(_) = op {
+                        self.apply_op(op);
+                    }
+                }
+            }
+            AreaEdit::Cut { at, start, end } => self.cut_area(at, start..end),
+            AreaEdit::Insert { below, op } => {
+                let Op::Map(m) = &ops[op] else {
+                    unreachable!("an insert edit names a map op");
+                };
+                self.areas.insert_after(below, Area::from(m));
+            }
+        }
+        let reg = &mut self.regions[edit.region];
+        debug_assert!(reg.spec.gpa <= edit.gpa && edit.end <= reg.spec.gpa + reg.spec.len);
+        let base = reg.spec.gpa;
+        reg.private.set_range(
+            (edit.gpa - base) / PAGE_SIZE..(edit.end - base) / PAGE_SIZE,
+            edit.private,
+        );
+        self.generation += 1;
+    }
+
+    /// Removes IOVA range `r` from the area at `at`, which holds all of it: what is left
+    /// of the area on either side stays (the kernel's cut).
+    fn cut_area(&mut self, at: Pos, r: Range<u64>) {
+        let a = *self.areas.at(at);
+        let a_end = a.iova + a.len;
+        debug_assert!(
+            a.iova <= r.start && r.start < r.end && r.end <= a_end,
+            "{a:?} {r:?}"
+        );
+        let right = Area {
+            iova: r.end,
+            len: a_end - r.end,
+            offset: a.offset + (r.end - a.iova),
+            ..a
+        };
+        match (a.iova < r.start, a_end > r.end) {
+            (false, false) => {
+                self.areas.remove_at(at);
+            }
+            (false, true) => self.areas.replace(at, right),
+            (true, keep_right) => {
+                self.areas.replace(
+                    at,
+                    Area {
+                        len: r.start - a.iova,
+                        ..a
+                    },
+                );
+                if keep_right {
+                    self.areas.insert_after(Some(at), right);
+                }
+            }
+        }
+    }
+
     fn has_areas(&self, id: RegionId) -> bool {
         self.region(id)
             .map(|r| self.areas_in(r.iova_range()).next().is_some())
             .unwrap_or(false)
     }
 
-    /// Records one op; `below` is the hinted position of the last area starting below the
-    /// op's key (a map's IOVA, an unmap's end), when the plan knew it.
-    fn apply_op(&mut self, op: &Op, below: Option<Option<Pos>>) {
+    /// Records one op.
+    fn apply_op(&mut self, op: &Op) {
         match op {
             Op::Map(m) => {
-                let area = Area {
-                    iova: m.iova,
-                    len: m.len,
-                    region: m.region,
-                    offset: m.offset,
-                };
-                match below {
-                    Some(below) => self.areas.insert_after(below, area),
-                    None => {
-                        let prev = self.areas.insert(area);
-                        debug_assert!(prev.is_none(), "tracker mapped {m:?} twice");
-                    }
-                }
+                let prev = self.areas.insert(Area::from(m));
+                debug_assert!(prev.is_none(), "tracker mapped {m:?} twice");
             }
             Op::Unmap(u) => {
                 let r = u.iova..u.iova + u.len;
-                let top = below.unwrap_or_else(|| self.areas.last_below(r.end));
-                debug_assert_eq!(top, self.areas.last_below(r.end), "stale hint for {u:?}");
+                let top = self.areas.last_below(r.end);
                 self.remove_areas(r, top);
             }
             Op::SetAttributes(a) => {

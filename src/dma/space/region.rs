@@ -279,7 +279,7 @@ impl DmaSpace {
     /// Runs `plan` and records it; `what` describes it in the error, if one is returned.
     pub(super) fn run(
         &mut self,
-        plan: Plan,
+        mut plan: Plan,
         what: impl FnOnce() -> String,
     ) -> Result<Stats, SpaceError> {
         let iommu = match &mut self.iommu {
@@ -297,7 +297,7 @@ impl DmaSpace {
             Iommu::Executor(exec) => {
                 let result = self
                     .memory
-                    .run_recycling(plan, exec.as_mut(), &mut self.buffers);
+                    .run_recycling(&mut plan, exec.as_mut(), &mut self.buffers);
                 return self.record(result, what);
             }
         };
@@ -306,7 +306,7 @@ impl DmaSpace {
         let mut exec = KernelExecutor::new(iommu, Kvm::new(self.vm.as_ref()), &backings);
         let result = self
             .memory
-            .run_recycling(plan, &mut exec, &mut self.buffers);
+            .run_recycling(&mut plan, &mut exec, &mut self.buffers);
         self.record(result, what)
     }
 
