@@ -250,9 +250,10 @@ impl Tracker {
         req: &ConversionRequest,
         b: &mut PlanBuffers,
     ) -> Result<Option<Plan>, PlanError> {
-        let Some((index, reg, range)) = self.single_region_request(req)? else {
+        let Some((index, range)) = self.single_region_request(req)? else {
             return Ok(None);
         };
+        let reg = &self.regions[index];
         if req.discard && req.to == PageState::Shared {
             return Err(PlanError::DiscardOnShared { range });
         }
@@ -313,14 +314,14 @@ impl Tracker {
         }))
     }
 
-    /// A request's region (and its index) when the request lies inside one region,
+    /// A request's region's index and its range when the request lies inside one region,
     /// checked as [`validate_request`](Self::validate_request) checks it (same errors);
     /// `None` when it does not start inside a region or reaches past the end of its
     /// region.
     fn single_region_request(
         &self,
         req: &ConversionRequest,
-    ) -> Result<Option<(usize, &Region, Range<u64>)>, PlanError> {
+    ) -> Result<Option<(usize, Range<u64>)>, PlanError> {
         let Some(index) = self.region_index_at(req.gpa) else {
             return Ok(None);
         };
@@ -336,7 +337,7 @@ impl Tracker {
         }
         let range = req.gpa..end;
         check_piece(reg, range.clone(), &range)?;
-        Ok(Some((index, reg, range)))
+        Ok(Some((index, range)))
     }
 
     /// The general planner: any number of requests over any number of regions.
