@@ -289,7 +289,7 @@ impl Tracker {
         match execute(plan, exec) {
             Ok(stats) => {
                 self.commit_in_place(plan)?;
-                buffers.recycle(std::mem::take(&mut plan.ops));
+                buffers.recycle_from(&mut plan.ops);
                 Ok(stats)
             }
             Err(e) => {

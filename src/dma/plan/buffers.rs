@@ -2,7 +2,7 @@
 //!
 //! A caller that plans often (a [`DmaSpace`](crate::dma::DmaSpace) converting pages)
 //! keeps one [`PlanBuffers`] and gives back each plan's op list once the plan is
-//! recorded ([`PlanBuffers::recycle`]), so a steady-state conversion allocates nothing:
+//! recorded ([`PlanBuffers::recycle_from`]), so a steady-state conversion allocates nothing:
 //! the op list, the unmaps' restore lists and the planner's working range lists are
 //! reused. A caller without one gets fresh buffers per plan (the public `plan_*`).
 
@@ -28,16 +28,19 @@ pub(crate) struct PlanBuffers {
 }
 
 impl PlanBuffers {
-    /// Takes back a recorded plan's op list: its memory serves the next plan.
-    pub(crate) fn recycle(&mut self, mut ops: Vec<Op>) {
-        for op in ops.drain(..) {
-            if let Op::Unmap(mut u) = op {
-                u.restore.clear();
-                self.restores.push(u.restore);
+    /// Takes back a recorded plan's op list, leaving it empty: its memory serves the
+    /// next plan.
+    pub(crate) fn recycle_from(&mut self, ops: &mut Vec<Op>) {
+        for op in ops.iter_mut() {
+            if let Op::Unmap(u) = op {
+                let mut restore = std::mem::take(&mut u.restore);
+                restore.clear();
+                self.restores.push(restore);
             }
         }
+        ops.clear();
         if ops.capacity() > self.ops.capacity() {
-            self.ops = ops;
+            std::mem::swap(&mut self.ops, ops);
         }
     }
 }

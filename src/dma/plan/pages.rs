@@ -121,6 +121,19 @@ impl PageBitmap {
         })
     }
 
+    /// `Some(v)` if every bit of the non-empty range `r` is `v`, `None` if they differ.
+    pub fn uniform(&self, r: Range<u64>) -> Option<bool> {
+        if let Some((w, mask)) = one_word(&r) {
+            return match self.words[w] & mask {
+                0 => Some(false),
+                bits if bits == mask => Some(true),
+                _ => None,
+            };
+        }
+        let first = self.get(r.start);
+        (self.find(r.start, r.end, !first) >= r.end).then_some(first)
+    }
+
     /// Number of bits equal to `value` inside `r`.
     pub fn count(&self, r: Range<u64>, value: bool) -> u64 {
         self.runs(r, value).map(|x| x.end - x.start).sum()

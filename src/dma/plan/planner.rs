@@ -277,13 +277,27 @@ impl Tracker {
                 ops.push(Op::Unmap(op));
             }
         }
-        // Runs of one bitmap scan are maximal: no merging needed.
-        for f in reg.runs(range.clone(), req.to.flip()) {
-            ops.push(Op::SetAttributes(AttributesOp {
-                gpa: f.start,
-                len: f.end - f.start,
-                private: req.to == PageState::Private,
-            }));
+        // Pages whose attribute flips: usually all of the range or none of it; otherwise
+        // the runs of one bitmap scan (maximal: no merging needed).
+        let private = req.to == PageState::Private;
+        let pages =
+            (range.start - reg.spec.gpa) / PAGE_SIZE..(range.end - reg.spec.gpa) / PAGE_SIZE;
+        match reg.private.uniform(pages) {
+            Some(now) if now == private => {}
+            Some(_) => ops.push(Op::SetAttributes(AttributesOp {
+                gpa: range.start,
+                len: range.end - range.start,
+                private,
+            })),
+            None => {
+                for f in reg.runs(range.clone(), req.to.flip()) {
+                    ops.push(Op::SetAttributes(AttributesOp {
+                        gpa: f.start,
+                        len: f.end - f.start,
+                        private,
+                    }));
+                }
+            }
         }
         if req.to == PageState::Shared {
             let (maps, edit) = self.push_gap_maps(&mut ops, &mut b.gaps, reg, ir);
@@ -821,7 +835,8 @@ mod tests {
                         (g.areas_before, g.areas_after, g.generation),
                         "step {step}: {req:?}"
                     );
-                    b.recycle(plan.ops);
+                    let mut plan = plan;
+                    b.recycle_from(&mut plan.ops);
                 }
                 Ok(None) => {}
                 Err(e) => {

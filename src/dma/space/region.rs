@@ -268,9 +268,19 @@ impl DmaSpace {
         if !self.listeners.is_empty() {
             return self.convert_with_listeners(requests);
         }
-        let plan = self.memory.plan_batch_with(requests, &mut self.buffers)?;
+        // The plan stays where the planner wrote it (no moves on the hot path).
+        let mut planned = self.memory.plan_batch_with(requests, &mut self.buffers);
+        let plan = match &mut planned {
+            Ok(plan) => plan,
+            Err(_) => {
+                let Err(e) = planned else {
+                    unreachable!("matched as an error")
+                };
+                return Err(e.into());
+            }
+        };
         // The error's context is written only if there is an error.
-        self.run(plan, || match requests {
+        self.run_in_place(plan, || match requests {
             [r] => format!("converting GPA [{:#x}, +{:#x}) to {}", r.gpa, r.len, r.to),
             _ => format!("converting a batch of {} ranges", requests.len()),
         })
@@ -279,7 +289,18 @@ impl DmaSpace {
     /// Runs `plan` and records it; `what` describes it in the error, if one is returned.
     pub(super) fn run(
         &mut self,
-        mut plan: Plan,
+        plan: Plan,
+        what: impl FnOnce() -> String,
+    ) -> Result<Stats, SpaceError> {
+        let mut plan = plan;
+        self.run_in_place(&mut plan, what)
+    }
+
+    /// [`run`](Self::run) of a plan the caller keeps (its op list goes back to the
+    /// space's buffers).
+    fn run_in_place(
+        &mut self,
+        plan: &mut Plan,
         what: impl FnOnce() -> String,
     ) -> Result<Stats, SpaceError> {
         let iommu = match &mut self.iommu {
@@ -297,7 +318,7 @@ impl DmaSpace {
             Iommu::Executor(exec) => {
                 let result = self
                     .memory
-                    .run_recycling(&mut plan, exec.as_mut(), &mut self.buffers);
+                    .run_recycling(plan, exec.as_mut(), &mut self.buffers);
                 return self.record(result, what);
             }
         };
@@ -306,7 +327,7 @@ impl DmaSpace {
         let mut exec = KernelExecutor::new(iommu, Kvm::new(self.vm.as_ref()), &backings);
         let result = self
             .memory
-            .run_recycling(&mut plan, &mut exec, &mut self.buffers);
+            .run_recycling(plan, &mut exec, &mut self.buffers);
         self.record(result, what)
     }
 
