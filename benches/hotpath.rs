@@ -19,6 +19,8 @@
 //! - `space_cut` / `space_granule`: `DmaSpace::convert` of one 8 KiB range (cut) or one
 //!   64 KiB granule (per-granule), alternately to private and back, over 64 spots of a
 //!   1 GiB region;
+//! - `space_cut_64k_areas`: `space_cut` on a fragmented region (every fourth page
+//!   private beforehand: 65,537 areas), the area map at scale;
 //! - `space_cut_l<N>`: `space_cut` with N in-process conversion listeners that do
 //!   nothing (`DmaSpace::add_listener`): the space's own cost of telling them;
 //! - `tracker_cut`: the same through `Tracker::convert` (planner, driver, commit only);
@@ -206,6 +208,20 @@ fn setup(name: &str) -> (Work, u64) {
             spots: spots(GIB, SPOTS),
             len: 2 * PAGE_SIZE,
         },
+        "space_cut_64k_areas" => {
+            // A fragmented guest: every fourth page private, 65,537 areas, before the
+            // same conversions as space_cut (the area map's cost at scale).
+            let mut s = space(Strategy::Cut, GIB, None);
+            for page in (2..GIB / PAGE_SIZE).step_by(4) {
+                s.convert(GPA + page * PAGE_SIZE, PAGE_SIZE, PageState::Private, false)
+                    .expect("fragment");
+            }
+            Work::Space {
+                space: s,
+                spots: spots(GIB, SPOTS),
+                len: 2 * PAGE_SIZE,
+            }
+        }
         _ if name.starts_with("space_cut_l") => {
             let n: usize = name["space_cut_l".len()..].parse().expect("listeners");
             let mut s = space(Strategy::Cut, GIB, None);
@@ -376,6 +392,7 @@ struct Args {
 const SCENARIOS: &[&str] = &[
     "raw_calls",
     "space_cut",
+    "space_cut_64k_areas",
     "space_cut_l1",
     "space_cut_l4",
     "space_granule",

@@ -38,14 +38,24 @@ use super::plan::tracker::Tracker;
 /// ```
 #[allow(clippy::result_large_err)] // the error path is cold; callers want the fields
 pub fn execute<E: Executor + ?Sized>(plan: &Plan, exec: &mut E) -> Result<Stats, ExecError> {
-    let mut run = Run {
-        exec,
-        stats: Stats {
-            areas_before: plan.areas_before,
-            areas_after: plan.areas_after,
-            ..Stats::default()
-        },
+    let mut stats = Stats::default();
+    execute_into(plan, exec, &mut stats)?;
+    Ok(stats)
+}
+
+/// [`execute`], counting into `stats` (which it resets first).
+#[allow(clippy::result_large_err)] // the error path is cold; callers want the fields
+pub(crate) fn execute_into<E: Executor + ?Sized>(
+    plan: &Plan,
+    exec: &mut E,
+    stats: &mut Stats,
+) -> Result<(), ExecError> {
+    *stats = Stats {
+        areas_before: plan.areas_before,
+        areas_after: plan.areas_after,
+        ..Stats::default()
     };
+    let mut run = Run { exec, stats };
     for (k, op) in plan.ops.iter().enumerate() {
         if let Op::Discard(_) = op {
             // Discards come last: the rest of the plan is discards.
@@ -55,12 +65,12 @@ pub fn execute<E: Executor + ?Sized>(plan: &Plan, exec: &mut E) -> Result<Stats,
             return Err(run.roll_back(plan, k, error));
         }
     }
-    Ok(run.stats)
+    Ok(())
 }
 
 struct Run<'a, E: ?Sized> {
     exec: &'a mut E,
-    stats: Stats,
+    stats: &'a mut Stats,
 }
 
 impl<E: Executor + ?Sized> Run<'_, E> {
@@ -101,7 +111,7 @@ impl<E: Executor + ?Sized> Run<'_, E> {
     /// tried; a failure undoes nothing (a discard cannot be undone and every page it
     /// targets is private already).
     #[allow(clippy::result_large_err)] // the error path is cold; callers want the fields
-    fn discard(mut self, plan: &Plan, first: usize) -> Result<Stats, ExecError> {
+    fn discard(mut self, plan: &Plan, first: usize) -> Result<(), ExecError> {
         let ops = &plan.ops;
         let mut failed: Option<(usize, OpError)> = None;
         let mut not_discarded = RangeSet::new();
@@ -118,7 +128,7 @@ impl<E: Executor + ?Sized> Run<'_, E> {
             }
         }
         let Some((i, error)) = failed else {
-            return Ok(self.stats);
+            return Ok(());
         };
         let mut applied = ops[..first].to_vec();
         applied.extend(applied_discards);
@@ -130,7 +140,7 @@ impl<E: Executor + ?Sized> Run<'_, E> {
                 ranges: not_discarded,
             },
             applied,
-            stats: self.stats,
+            stats: *self.stats,
         })
     }
 
@@ -189,7 +199,7 @@ impl<E: Executor + ?Sized> Run<'_, E> {
             error,
             outcome,
             applied,
-            stats: self.stats,
+            stats: *self.stats,
         }
     }
 
@@ -286,10 +296,11 @@ impl Tracker {
         exec: &mut E,
         buffers: &mut PlanBuffers,
     ) -> Result<Stats, DmaError> {
-        match execute(plan, exec) {
-            Ok(stats) => {
+        let mut stats = Stats::default();
+        match execute_into(plan, exec, &mut stats) {
+            Ok(()) => {
                 self.commit_in_place(plan)?;
-                buffers.recycle_from(&mut plan.ops);
+                buffers.recycle_from(&mut plan.ops, plan.edit.is_some());
                 Ok(stats)
             }
             Err(e) => {

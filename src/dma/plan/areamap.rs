@@ -1,15 +1,20 @@
 //! The tracker's record of live IOMMU areas, ordered by first IOVA.
 //!
-//! A two-level sorted array: `chunks` holds the areas in ascending runs of at most
-//! [`CHUNK`] entries, `firsts` the first IOVA of each run. Looking an IOVA up is two binary
-//! searches over contiguous memory (the run in `firsts`, the area in the run); inserting
-//! or removing moves at most one run's tail. A conversion touches one or two areas, and
-//! this is where the standard library's B-tree spent most of a conversion's instructions
-//! (node walks on every range search, rebalancing on every insert and remove).
+//! A two-level sorted array: `chunks` holds the areas in ascending runs, `firsts` the
+//! first IOVA of each run. Looking an IOVA up is two binary searches over contiguous
+//! memory (the run in `firsts`, the area in the run); inserting or removing moves at most
+//! one run's tail. A run splits in halves when it outgrows [`AreaMap::max_run`], the
+//! larger of [`MIN_RUN`] and √n/4 for n areas: small maps (a guest's usual hundreds of
+//! areas) move a few dozen bytes per change, and a map of a million areas still moves
+//! O(√n) per change (a split shifts the run heads, about 4√n of them). A conversion touches one or two
+//! areas, and this is where the standard library's B-tree spent most of a conversion's
+//! instructions (node walks on every range search, rebalancing on every insert and
+//! remove).
 //!
 //! Invariants:
 //! - areas are disjoint and strictly ascending by `iova` across all runs, in order;
-//! - no run is empty, none holds more than [`CHUNK`] areas;
+//! - no run is empty; a run holds at most [`AreaMap::max_run`] areas of the largest the
+//!   map has been since it last split (removals do not merge runs);
 //! - `firsts[c] == chunks[c][0].iova` for every run `c`;
 //! - `len` is the total number of areas.
 //!
@@ -21,8 +26,8 @@ use std::ops::Range;
 
 use super::model::Area;
 
-/// Most areas in one run; a run that grows past it splits in two halves.
-const CHUNK: usize = 32;
+/// The smallest limit on a run's length (see [`AreaMap::max_run`]).
+const MIN_RUN: usize = 4;
 
 /// Where an area is: run and index in the run (32 bits each: a plan carries one, and
 /// 2^32 runs of areas is far beyond any IOVA space's area count).
@@ -67,6 +72,16 @@ impl AreaMap {
     /// Number of areas.
     pub(crate) fn len(&self) -> usize {
         self.len
+    }
+
+    /// The longest a run may grow before it splits: √n/4 for n areas, at least
+    /// [`MIN_RUN`]. Both costs are O(√n): moving a run's tail on every change, moving
+    /// the run heads on a split (once per ~√n/8 insertions); the quarter favours the
+    /// first, which a steady stream of conversions pays, over the second, which only a
+    /// growing map does (measured: `space_cut` and `space_cut_64k_areas` in
+    /// benches/hotpath.rs).
+    fn max_run(&self) -> usize {
+        (self.len.isqrt() / 4).max(MIN_RUN)
     }
 
     /// Every area, ascending.
@@ -202,12 +217,13 @@ impl AreaMap {
             self.firsts[p.chunk()] = a.iova;
         }
         self.len += 1;
+        let max = self.max_run();
         let run = &mut self.chunks[p.chunk()];
         run.insert(p.index(), a);
-        if run.len() > CHUNK {
+        if run.len() > max {
             // Room for the new run to fill up and overflow without growing.
-            let mut tail = Vec::with_capacity(CHUNK + 1);
-            tail.extend(run.drain(CHUNK / 2..));
+            let mut tail = Vec::with_capacity(max + 1);
+            tail.extend(run.drain(run.len() / 2..));
             self.firsts.insert(p.chunk() + 1, tail[0].iova);
             self.chunks.insert(p.chunk() + 1, tail);
         }
@@ -280,12 +296,12 @@ mod tests {
         }
     }
 
-    fn check(m: &AreaMap, model: &BTreeMap<u64, Area>) {
+    fn check(m: &AreaMap, model: &BTreeMap<u64, Area>, peak: usize) {
         assert_eq!(m.len(), model.len());
         assert!(m.iter().eq(model.values()));
         assert_eq!(m.firsts.len(), m.chunks.len());
         for (f, run) in m.firsts.iter().zip(&m.chunks) {
-            assert!(!run.is_empty() && run.len() <= CHUNK);
+            assert!(!run.is_empty() && run.len() <= (peak.isqrt() / 4).max(MIN_RUN));
             assert_eq!(*f, run[0].iova);
         }
     }
@@ -303,6 +319,7 @@ mod tests {
         };
         for round in 0..6 {
             let (mut m, mut model) = (AreaMap::default(), BTreeMap::new());
+            let mut peak = 0;
             let span = [64, 400, 5000][round % 3];
             for step in 0..6000 {
                 // Areas of length 1 at even keys (disjoint, as the tracker keeps them).
@@ -358,14 +375,15 @@ mod tests {
                         assert_eq!(got, want, "step {step} {r:?}");
                     }
                 }
+                peak = peak.max(model.len());
                 if step % 97 == 0 {
-                    check(&m, &model);
+                    check(&m, &model, peak);
                 }
             }
             while let Some((&k, _)) = model.iter().next() {
                 assert_eq!(m.remove(k), model.remove(&k));
             }
-            check(&m, &model);
+            check(&m, &model, peak);
         }
     }
 }

@@ -29,9 +29,12 @@ pub(crate) struct PlanBuffers {
 
 impl PlanBuffers {
     /// Takes back a recorded plan's op list, leaving it empty: its memory serves the
-    /// next plan.
-    pub(crate) fn recycle_from(&mut self, ops: &mut Vec<Op>) {
-        for op in ops.iter_mut() {
+    /// next plan. `single`: the plan is of one request inside one region (it has an
+    /// [`Edit`](super::ops::Edit)), so only its first op can be an unmap.
+    pub(crate) fn recycle_from(&mut self, ops: &mut Vec<Op>, single: bool) {
+        // A single-request plan has at most one unmap, first.
+        let n = if single { ops.len().min(1) } else { ops.len() };
+        for op in &mut ops[..n] {
             if let Op::Unmap(u) = op {
                 let mut restore = std::mem::take(&mut u.restore);
                 restore.clear();

@@ -61,6 +61,7 @@ impl PageBitmap {
     }
 
     /// Sets bits `r` to `value`. Panics if `r` reaches past `len`.
+    #[inline]
     pub fn set_range(&mut self, r: Range<u64>, value: bool) {
         assert!(r.end <= self.len, "range end {} past {}", r.end, self.len);
         if let Some((w, mask)) = one_word(&r) {
@@ -122,6 +123,7 @@ impl PageBitmap {
     }
 
     /// `Some(v)` if every bit of the non-empty range `r` is `v`, `None` if they differ.
+    #[inline]
     pub fn uniform(&self, r: Range<u64>) -> Option<bool> {
         if let Some((w, mask)) = one_word(&r) {
             return match self.words[w] & mask {

@@ -260,7 +260,8 @@ impl Tracker {
         let before = self.areas.len();
         let mut areas = before as isize;
         let mut ops = std::mem::take(&mut b.ops);
-        ops.clear();
+        // Empty: taken from the buffers, where recycling leaves it empty.
+        debug_assert!(ops.is_empty());
         let ir = reg.gpa_to_iova(range.start)..reg.gpa_to_iova(range.end);
         let mut area_edit = AreaEdit::None;
         if req.to == PageState::Private {
@@ -549,6 +550,7 @@ impl Tracker {
     /// The unmap of the mapped pieces inside IOVA range `ir`, with its area-count delta
     /// and what it does to the area map; its restore list comes from `restores` when one
     /// is kept. `region`, if given, holds all of `ir`.
+    #[inline]
     fn unmap_for(
         &self,
         ir: Range<u64>,
@@ -714,6 +716,7 @@ impl Tracker {
 
 /// Checks that `piece` (the part of request `range` inside `reg`) may convert: the
 /// region is convertible and, per granule, the piece is granule aligned.
+#[inline]
 fn check_piece(reg: &Region, piece: Range<u64>, range: &Range<u64>) -> Result<(), PlanError> {
     if !reg.spec.convertible {
         return Err(PlanError::NotConvertible {
@@ -836,7 +839,7 @@ mod tests {
                         "step {step}: {req:?}"
                     );
                     let mut plan = plan;
-                    b.recycle_from(&mut plan.ops);
+                    b.recycle_from(&mut plan.ops, true);
                 }
                 Ok(None) => {}
                 Err(e) => {
