@@ -61,7 +61,7 @@ impl PageBitmap {
     }
 
     /// Sets bits `r` to `value`. Panics if `r` reaches past `len`.
-    #[inline]
+    #[inline(always)]
     pub fn set_range(&mut self, r: Range<u64>, value: bool) {
         assert!(r.end <= self.len, "range end {} past {}", r.end, self.len);
         if let Some((w, mask)) = one_word(&r) {
@@ -73,6 +73,11 @@ impl PageBitmap {
             }
             return;
         }
+        self.set_words(r, value);
+    }
+
+    /// [`set_range`](Self::set_range) across words.
+    fn set_words(&mut self, r: Range<u64>, value: bool) {
         let mut i = r.start;
         while i < r.end {
             let w = (i / 64) as usize;
@@ -143,6 +148,7 @@ impl PageBitmap {
 }
 
 /// Word index and bit mask of `r` when it is non-empty and lies inside one word.
+#[inline(always)]
 fn one_word(r: &Range<u64>) -> Option<(usize, u64)> {
     let len = r.end.checked_sub(r.start).filter(|&n| n > 0)?;
     let w = r.start / 64;

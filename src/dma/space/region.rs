@@ -332,6 +332,7 @@ impl DmaSpace {
     }
 
     /// Counts what a plan run did and turns its failure into the space's error.
+    #[inline]
     fn record(
         &mut self,
         result: Result<Stats, DmaError>,
@@ -342,8 +343,17 @@ impl DmaSpace {
                 self.totals.accumulate(&stats);
                 Ok(stats)
             }
-            Err(DmaError::Plan(e)) => Err(e.into()),
-            Err(DmaError::Exec(source)) => {
+            Err(e) => Err(self.record_failure(e, what)),
+        }
+    }
+
+    /// The failing half of [`record`](Self::record); `what` names the run.
+    #[cold]
+    #[inline(never)]
+    fn record_failure(&mut self, e: DmaError, what: impl FnOnce() -> String) -> SpaceError {
+        match e {
+            DmaError::Plan(e) => e.into(),
+            DmaError::Exec(source) => {
                 self.notice_lost_compat(&source);
                 // A failed cut-unmap can leave an area split in the kernel with nothing
                 // unmapped; the IOAS learns such boundaries (Ioas::cut_unmap) and the
@@ -355,10 +365,10 @@ impl DmaSpace {
                     }
                 }
                 self.totals.accumulate(&source.stats);
-                Err(SpaceError::Exec {
+                SpaceError::Exec {
                     what: what(),
                     source,
-                })
+                }
             }
         }
     }
