@@ -69,6 +69,7 @@ pub struct UnmapOp {
 
 impl UnmapOp {
     /// Bytes the kernel is expected to report as unmapped.
+    #[inline]
     pub fn expected_bytes(&self) -> u64 {
         self.restore.iter().map(|m| m.len).sum()
     }

@@ -249,6 +249,7 @@ impl DmaSpace {
     /// Converts `[gpa, gpa+len)` to `to`. Going private: unmap, then KVM attributes,
     /// then (with `discard`) the shared backing is released. Going shared: attributes,
     /// then map. On failure everything is rolled back and the error says so.
+    #[inline]
     pub fn convert(
         &mut self,
         gpa: u64,
