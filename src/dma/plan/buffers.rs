@@ -31,20 +31,32 @@ impl PlanBuffers {
     /// Takes back a recorded plan's op list, leaving it empty: its memory serves the
     /// next plan. `single`: the plan is of one request inside one region (it has an
     /// [`Edit`](super::ops::Edit)), so only its first op can be an unmap.
+    #[inline]
     pub(crate) fn recycle_from(&mut self, ops: &mut Vec<Op>, single: bool) {
-        // A single-request plan has at most one unmap, first.
-        let n = if single { ops.len().min(1) } else { ops.len() };
-        for op in &mut ops[..n] {
-            if let Op::Unmap(u) = op {
-                let mut restore = std::mem::take(&mut u.restore);
-                restore.clear();
-                self.restores.push(restore);
+        if single {
+            // A single-request plan has at most one unmap, first.
+            if let Some(Op::Unmap(u)) = ops.first_mut() {
+                self.keep_restore(&mut u.restore);
+            }
+        } else {
+            for op in ops.iter_mut() {
+                if let Op::Unmap(u) = op {
+                    self.keep_restore(&mut u.restore);
+                }
             }
         }
         ops.clear();
         if ops.capacity() > self.ops.capacity() {
             std::mem::swap(&mut self.ops, ops);
         }
+    }
+
+    /// Keeps an unmap's restore list (emptied) for a later unmap.
+    #[inline]
+    fn keep_restore(&mut self, restore: &mut Vec<MapOp>) {
+        let mut restore = std::mem::take(restore);
+        restore.clear();
+        self.restores.push(restore);
     }
 }
 
