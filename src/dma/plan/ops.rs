@@ -229,10 +229,13 @@ pub struct Plan {
 }
 
 /// The tracker change a successful plan makes, computed by the planner: commit applies
-/// it without replaying the ops one by one or searching the area map. Valid only while
-/// the tracker is at the plan's generation (commit checks it).
+/// it without replaying the ops one by one or searching the area map. Valid only for the
+/// tracker that planned it, at the plan's generation (commit checks both; any other
+/// tracker replays the ops).
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Edit {
+    /// The planning tracker's instance: no other tracker applies the edit.
+    pub(crate) tracker: u64,
     /// Index of the request's region in the tracker's region list.
     pub(crate) region: usize,
     /// GPA range of that region whose pages end up in the target state.

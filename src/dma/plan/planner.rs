@@ -320,6 +320,7 @@ impl Tracker {
             areas_before: before,
             areas_after: areas as usize,
             edit: Some(Edit {
+                tracker: self.instance,
                 region: index,
                 gpa: range.start,
                 end: range.end,
@@ -923,5 +924,55 @@ mod tests {
         }
         // Every kind of edit was exercised.
         assert_eq!(kinds.len(), 4, "{kinds:?}");
+    }
+
+    /// A plan's edit is applied only by the tracker that planned it: a clone replays the
+    /// plan's ops (same result when it is still at the plan's state), and a clone that
+    /// diverged to the same generation does not apply positions of another state.
+    #[test]
+    fn only_the_planning_tracker_applies_a_plans_edit() {
+        const P: u64 = PAGE_SIZE;
+        let (mut mem, mut k) = (Tracker::new(), FakeKernel::new());
+        mem.register(
+            RegionSpec::new(0x10_0000, 64 * P, Backing::Opaque(1)),
+            &mut k,
+        )
+        .unwrap();
+        let plan = mem
+            .plan_convert(0x10_0000 + 8 * P, P, PageState::Private)
+            .unwrap();
+        let mut same = mem.clone();
+        same.commit(plan.clone()).unwrap();
+        mem.commit(plan).unwrap();
+        assert_eq!(
+            mem.areas().collect::<Vec<_>>(),
+            same.areas().collect::<Vec<_>>()
+        );
+        // Two trackers diverge to the same generation; a plan of one committed to the
+        // other records what its ops say (a cut of page 30), not its edit's position (the
+        // area holding page 30 in the planning tracker is another one in this).
+        let mut other = mem.clone();
+        let a = mem
+            .plan_convert(0x10_0000 + 20 * P, P, PageState::Private)
+            .unwrap();
+        mem.commit(a).unwrap();
+        let b = other
+            .plan_convert(0x10_0000 + 40 * P, 2 * P, PageState::Private)
+            .unwrap();
+        other.commit(b).unwrap();
+        assert_eq!(mem.generation(), other.generation());
+        let c = mem
+            .plan_convert(0x10_0000 + 30 * P, P, PageState::Private)
+            .unwrap();
+        other.commit(c).unwrap();
+        assert_eq!(
+            other.page_state(0x10_0000 + 30 * P),
+            Some(PageState::Private)
+        );
+        let pages: Vec<(u64, u64)> = other
+            .areas()
+            .map(|a| ((a.iova - 0x10_0000) / P, (a.iova + a.len - 0x10_0000) / P))
+            .collect();
+        assert_eq!(pages, [(0, 8), (9, 30), (31, 40), (42, 64)]);
     }
 }

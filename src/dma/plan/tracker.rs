@@ -41,12 +41,48 @@ use super::region::Region;
 /// assert_eq!(mem.area_count(), 2);
 /// # let _ = id;
 /// ```
-#[derive(Clone, Debug, Default)]
+#[derive(Debug)]
 pub struct Tracker {
     pub(crate) regions: Vec<Region>,
     pub(crate) areas: AreaMap,
     pub(crate) next_id: u64,
     pub(crate) generation: u64,
+    /// Unique per tracker value, clones included: a plan's [`Edit`] is applied only by
+    /// the tracker that planned it (at the plan's generation, its state is exactly the
+    /// one planned against); any other tracker replays the plan's ops.
+    pub(crate) instance: u64,
+}
+
+/// Source of [`Tracker::instance`] values.
+static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn next_instance() -> u64 {
+    INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+impl Default for Tracker {
+    fn default() -> Self {
+        Tracker {
+            regions: Vec::new(),
+            areas: AreaMap::default(),
+            next_id: 0,
+            generation: 0,
+            instance: next_instance(),
+        }
+    }
+}
+
+impl Clone for Tracker {
+    /// A copy of the state with an instance of its own (see [`Tracker::commit`]).
+    fn clone(&self) -> Self {
+        Tracker {
+            regions: self.regions.clone(),
+            areas: self.areas.clone(),
+            next_id: self.next_id,
+            generation: self.generation,
+            instance: next_instance(),
+        }
+    }
 }
 
 impl Tracker {
@@ -118,6 +154,10 @@ impl Tracker {
     }
 
     /// Records a plan that `execute` (the driver) ran to completion.
+    ///
+    /// The plan must be of this tracker's state: made by this tracker, or by a clone at
+    /// the same generation that has not changed since (a plan of another generation is
+    /// refused with [`PlanError::StalePlan`]).
     pub fn commit(&mut self, mut plan: Plan) -> Result<(), PlanError> {
         self.commit_in_place(&mut plan)
     }
@@ -126,7 +166,7 @@ impl Tracker {
     /// its op list left for reuse.
     pub(crate) fn commit_in_place(&mut self, plan: &mut Plan) -> Result<(), PlanError> {
         self.check_generation(plan)?;
-        if let Some(edit) = &plan.edit {
+        if let Some(edit) = plan.edit.as_ref().filter(|e| e.tracker == self.instance) {
             self.apply_edit(&plan.ops, edit);
             return Ok(());
         }
