@@ -8,9 +8,14 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use kvm_bindings::{kvm_create_guest_memfd, kvm_memory_attributes};
 use libtest_mimic::Failed;
 use support::needs::{self, Need};
+use support::space::{dma_works, dup, space_with_edu, GPA};
 use support::{run_vm_tests, OrFail};
+use vfio_gmem::dma::planning::Op;
 use vfio_gmem::dma::planning::{AttributesOp, Backing, DiscardOp};
-use vfio_gmem::dma::{KvmAttributes, OpError, RegionId};
+use vfio_gmem::dma::{
+    ExecError, GuestRegion, KvmAttributes, OpError, Outcome, PageState, RegionId, SharedMemory,
+    SpaceError, SpaceOptions,
+};
 use vfio_gmem::gmem::{
     open_kvm, supported_vm_types, GmemError, GmemFlags, GuestMemfd, KvmVm, Memfd, MemoryAttributes,
     VmType, HUGE_PAGE_2M,
@@ -47,6 +52,10 @@ fn main() {
         ("memory_attributes_private_then_shared", memory_attributes),
         ("adopt_gmem_and_reject_other_fds", adopt),
         ("hugetlb_memfd_with_and_without_reserved_pages", hugetlb),
+        (
+            "hugetlb_pool_with_too_few_free_pages_is_explained",
+            hugetlb_pool_short,
+        ),
     ]);
 }
 
@@ -380,6 +389,16 @@ impl HugePages {
             .trim()
             .to_string()
     }
+
+    /// The pool's `free_hugepages`.
+    fn free() -> Result<u64, Failed> {
+        let path = Self::PATH.replace("nr_hugepages", "free_hugepages");
+        std::fs::read_to_string(&path)
+            .or_fail(&path)?
+            .trim()
+            .parse()
+            .or_fail(&path)
+    }
 }
 
 impl Drop for HugePages {
@@ -441,5 +460,173 @@ fn hugetlb() -> Result<(), Failed> {
         "first huge page changed"
     );
     mem.allocate(0, size).or_fail("allocate both huge pages")?;
+    Ok(())
+}
+
+/// The plan's ExecError, kept inside `NoHugePages`'s source: the failed op is a map and
+/// the plan was rolled back.
+fn rolled_back_map_inside(e: &SpaceError) -> Result<(), Failed> {
+    let SpaceError::Gmem(g @ GmemError::NoHugePages { source, .. }) = e else {
+        return Err(format!("not NoHugePages: {e:?}").into());
+    };
+    let exec = source
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<ExecError>())
+        .ok_or_else(|| {
+            format!("NoHugePages's source does not hold the plan's error: {source:?}")
+        })?;
+    check!(
+        matches!(exec.op, Op::Map(_))
+            && exec.error.errno == libc::ENOMEM
+            && exec.outcome == Outcome::RolledBack
+            && g.errno() == libc::ENOMEM,
+        "the plan's error: {exec:?}, errno {}",
+        g.errno()
+    );
+    Ok(())
+}
+
+/// A 2 MiB pool with some but too few free pages: `add_region` of an 8 MiB hugetlb memfd
+/// with 2 pages free (the MAP_FILE probe's one page succeeds, the full map fails with
+/// ENOMEM), then a conversion back to shared after a discard gave a page back that
+/// something else took. Both get `NoHugePages` naming the pool, rolled back.
+fn hugetlb_pool_short() -> Result<(), Failed> {
+    const SIZE: u64 = 4 * HUGE_PAGE_2M;
+    let pool_path = HugePages::PATH;
+    let region = |mem: &Memfd| -> Result<GuestRegion, Failed> {
+        Ok(GuestRegion::new(
+            GPA,
+            SIZE,
+            SharedMemory::File {
+                fd: dup(mem.file())?,
+                offset: 0,
+            },
+        )
+        .convertible(PageState::Shared))
+    };
+    {
+        let _two = HugePages::set(2)?;
+        check!(
+            HugePages::now() == "2" && HugePages::free()? == 2,
+            "could not reserve 2 free huge pages (nr_hugepages = {})",
+            HugePages::now()
+        );
+        let mem = Memfd::hugetlb("huge-short", SIZE).or_fail("memfd hugetlb")?;
+        let (mut space, _edu) = space_with_edu(None, SpaceOptions::default())?;
+        let e = space.add_region(region(&mem)?).unwrap_err();
+        println!("add_region with 2 of 4 huge pages free: {e}");
+        check!(
+            matches!(
+                &e,
+                SpaceError::Gmem(GmemError::NoHugePages { page_size, pages: 4, .. })
+                    if *page_size == HUGE_PAGE_2M
+            ),
+            "{e:?}"
+        );
+        let m = e.to_string();
+        check!(
+            m.starts_with(&format!(
+                "no free 2 MiB huge pages for mapping new region GPA [{GPA:#x}, +{SIZE:#x}) \
+                 (rolled back: nothing was changed"
+            )) && m.contains("pool ran out) (4 needed): op 0 (map IOVA")
+                && m.contains(&format!(
+                    "echo N > {pool_path}` (N = the pages others use + 4; now 2)"
+                )),
+            "{m}"
+        );
+        rolled_back_map_inside(&e)?;
+        check!(
+            space.regions().is_empty()
+                && space.area_count() == 0
+                && space.ioas().map(|i| i.areas().len()) == Some(0),
+            "the refused region left state behind: {:?}, {} areas",
+            space.regions(),
+            space.area_count()
+        );
+        check!(
+            HugePages::now() == "2",
+            "the pool changed: {}",
+            HugePages::now()
+        );
+        println!(
+            "  free 2 MiB pages while the refused file is open: {}",
+            HugePages::free()?
+        );
+        drop(space);
+        drop(mem);
+        // The pages the failed pin put into the file go back with it.
+        check!(
+            HugePages::free()? == 2,
+            "{} of 2 pages free after the file closed",
+            HugePages::free()?
+        );
+    }
+
+    // Enough pages: the region maps; a discard frees a page, something else takes it,
+    // and converting the range back to shared needs it again.
+    let _four = HugePages::set(4)?;
+    check!(
+        HugePages::free()? == 4,
+        "could not reserve 4 free huge pages"
+    );
+    let mem = Memfd::hugetlb("huge-short", SIZE).or_fail("memfd hugetlb")?;
+    let (mut space, edu) = space_with_edu(None, SpaceOptions::default())?;
+    space
+        .add_region(region(&mem)?)
+        .or_fail("add_region with 4 free pages")?;
+    let mut view = mem.mmap().or_fail("mmap")?;
+    let step = HUGE_PAGE_2M;
+    space
+        .convert(GPA + step, step, PageState::Private, true)
+        .or_fail("convert the second huge page private, discarding it")?;
+    check!(HugePages::free()? == 1, "the discard freed no huge page");
+    let hog = Memfd::hugetlb("huge-hog", HUGE_PAGE_2M).or_fail("memfd hugetlb")?;
+    hog.allocate(0, HUGE_PAGE_2M)
+        .or_fail("take the freed page")?;
+    check!(HugePages::free()? == 0, "the pool still has free pages");
+    let (areas, regions) = (space.area_count(), format!("{:?}", space.regions()));
+    let e = space
+        .convert(GPA + step, step, PageState::Shared, false)
+        .unwrap_err();
+    println!("convert to shared with no free page: {e}");
+    check!(
+        matches!(
+            &e,
+            SpaceError::Gmem(GmemError::NoHugePages { page_size, pages: 1, .. })
+                if *page_size == HUGE_PAGE_2M
+        ),
+        "{e:?}"
+    );
+    let m = e.to_string();
+    check!(
+        m.starts_with(&format!(
+            "no free 2 MiB huge pages for converting GPA [{:#x}, +{step:#x}) to shared \
+             (rolled back: nothing was changed",
+            GPA + step
+        )) && m.contains("pool ran out) (1 needed): ")
+            && m.contains(&format!("echo N > {pool_path}`")),
+        "{m}"
+    );
+    rolled_back_map_inside(&e)?;
+    check!(
+        space.page_state(GPA + step) == Some(PageState::Private)
+            && space.area_count() == areas
+            && format!("{:?}", space.regions()) == regions
+            && HugePages::now() == "4",
+        "the refused conversion changed state: {:?}, {} areas",
+        space.page_state(GPA + step),
+        space.area_count()
+    );
+    // The neighbours are still reachable (the converted page is not touched through the
+    // view: faulting it would need a huge page).
+    let iova = |off: u64| GPA + off;
+    dma_works(&edu, &mut view, 0, iova(0), 1)?;
+    dma_works(&edu, &mut view, 2 * step as usize, iova(2 * step), 2)?;
+    // With the page back in the pool the same conversion goes through.
+    drop(hog);
+    space
+        .convert(GPA + step, step, PageState::Shared, false)
+        .or_fail("convert to shared once a page is free")?;
+    dma_works(&edu, &mut view, step as usize, iova(step), 3)?;
     Ok(())
 }

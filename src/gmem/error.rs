@@ -85,7 +85,10 @@ pub enum GmemError {
         /// Current size of that page size's pool, from
         /// `/sys/kernel/mm/hugepages/hugepages-<N>kB/nr_hugepages`.
         nr_hugepages: String,
-        /// The OS error (ENOMEM from mmap, ENOSPC from fallocate).
+        /// The OS error (ENOMEM from mmap, ENOSPC from fallocate), or, when a
+        /// [`DmaSpace`](crate::dma::DmaSpace) plan's map of the file ran out of huge pages,
+        /// an `io::ErrorKind::OutOfMemory` error wrapping that plan's
+        /// [`ExecError`](crate::dma::ExecError) (`get_ref()` and downcast to reach it).
         source: io::Error,
     },
 
@@ -147,7 +150,12 @@ impl GmemError {
             | GmemError::CreateVm { source, .. }
             | GmemError::NoHugePages { source, .. }
             | GmemError::NoHugePageSize { source, .. }
-            | GmemError::Os { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+            | GmemError::Os { source, .. } => match (source.raw_os_error(), source.kind()) {
+                (Some(errno), _) => errno,
+                // A wrapped error (e.g. a failed plan's, in `NoHugePages`) keeps its kind.
+                (None, io::ErrorKind::OutOfMemory) => libc::ENOMEM,
+                (None, _) => libc::EIO,
+            },
             GmemError::NoGuestMemfd { .. } => libc::ENOTTY,
             GmemError::MmapNotEnabled { .. } => libc::ENODEV,
             GmemError::NotGuestMemfd { .. } => libc::EBADF,
@@ -347,6 +355,19 @@ mod tests {
             "{m}"
         );
         assert_eq!(e.errno(), libc::ENOSPC);
+
+        // A wrapped error (a DmaSpace plan's) has no raw errno: its kind gives ENOMEM.
+        let e = GmemError::NoHugePages {
+            what: "mapping new region GPA [0x0, +0x800000)".into(),
+            page_size: 2 << 20,
+            pages: 4,
+            nr_hugepages: "2".into(),
+            source: io::Error::new(io::ErrorKind::OutOfMemory, "op 0 (map ...) failed"),
+        };
+        assert_eq!(e.errno(), libc::ENOMEM);
+        assert!(e
+            .to_string()
+            .contains("(4 needed): op 0 (map ...) failed; reserve"));
 
         let e = GmemError::NoHugePageSize {
             what: "memfd 'ram'".into(),

@@ -163,6 +163,21 @@ pub(crate) fn nr_hugepages(page_size: u64) -> String {
         .unwrap_or_else(|e| format!("unreadable: {e}"))
 }
 
+/// Huge pages of `page_size`'s pool that a new allocation could take now:
+/// `free_hugepages - resv_hugepages` (free pages promised to reservations are not
+/// available); `None` if the pool's sysfs files cannot be read.
+pub(crate) fn available_huge_pages(page_size: u64) -> Option<u64> {
+    let dir = format!("/sys/kernel/mm/hugepages/hugepages-{}kB", page_size / 1024);
+    let read = |name: &str| -> Option<u64> {
+        std::fs::read_to_string(format!("{dir}/{name}"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages")?))
+}
+
 const TMPFS_MAGIC: i64 = 0x0102_1994;
 pub(crate) const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
 

@@ -14,6 +14,7 @@
 
 mod attach;
 mod core;
+mod hugetlb;
 mod listeners;
 pub(crate) mod probe;
 mod region;

@@ -24,7 +24,10 @@ impl DmaSpace {
     /// kernel refuses is rolled back: the IOAS is as it was, and so are KVM's memory
     /// attributes of the range as far as this space set them (it remembers the private
     /// pages of regions it removed; attributes the VMM set on the VM fd itself are not
-    /// known to it), or the error says exactly what it left.
+    /// known to it), or the error says exactly what it left. A hugetlbfs file whose pool
+    /// runs out of free pages while the region is mapped gets
+    /// [`GmemError::NoHugePages`] naming the pool (as does a conversion back to shared
+    /// that needs a huge page again).
     pub fn add_region(&mut self, region: GuestRegion) -> Result<RegionId, SpaceError> {
         if !self.has_device() {
             return Err(SpaceError::NoDevice);
@@ -116,6 +119,7 @@ impl DmaSpace {
             }
             Err(e) => {
                 self.slots.remove(&id);
+                let e = super::hugetlb::whole_region_needed(e, region.len);
                 Err(self.restore_attributes(undo, e))
             }
         }
@@ -366,10 +370,7 @@ impl DmaSpace {
                     }
                 }
                 self.totals.accumulate(&source.stats);
-                SpaceError::Exec {
-                    what: what(),
-                    source,
-                }
+                self.exec_error(what(), source)
             }
         }
     }
