@@ -305,13 +305,7 @@ impl Tracker {
             area_edit = edit;
             areas += maps;
         } else if req.discard {
-            ops.push(Op::Discard(DiscardOp {
-                region: reg.id,
-                backing: reg.spec.shared,
-                gpa: range.start,
-                offset: range.start - reg.spec.gpa,
-                len: range.end - range.start,
-            }));
+            ops.push(discard_op(reg, range.clone()));
         }
         Ok(Some(Plan {
             ops,
@@ -474,13 +468,7 @@ impl Tracker {
         // 4. Discards, per region.
         for r in discard.iter() {
             for (reg, piece) in self.pieces(r.clone()) {
-                ops.push(Op::Discard(DiscardOp {
-                    region: reg.id,
-                    backing: reg.spec.shared,
-                    gpa: piece.start,
-                    offset: piece.start - reg.spec.gpa,
-                    len: piece.end - piece.start,
-                }));
+                ops.push(discard_op(reg, piece));
             }
         }
 
@@ -739,6 +727,17 @@ fn check_piece(reg: &Region, piece: Range<u64>, range: &Range<u64>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The discard of GPA range `r` of `reg`'s shared backing.
+fn discard_op(reg: &Region, r: Range<u64>) -> Op {
+    Op::Discard(DiscardOp {
+        region: reg.id,
+        backing: reg.spec.shared,
+        gpa: r.start,
+        offset: r.start - reg.spec.gpa,
+        len: r.end - r.start,
+    })
 }
 
 /// Pushes the maps of unmapped IOVA range `gap` of `reg` (one, or one per granule);
