@@ -20,7 +20,7 @@ use std::ops::Range;
 
 use super::buffers::{normalize, push_merged, PlanBuffers};
 use super::error::{check_page_aligned, PlanError};
-use super::model::{Area, PageState, RegionId, RegionSpec, Strategy, PAGE_SIZE};
+use super::model::{Area, Backing, PageState, RegionId, RegionSpec, Strategy, PAGE_SIZE};
 use super::ops::{
     AreaEdit, AttributesOp, ConversionRequest, DiscardOp, Edit, MapOp, Op, Plan, RegionChange,
     UnmapKind, UnmapOp,
@@ -562,13 +562,7 @@ impl Tracker {
             let (s, e) = (ir.start, a_end.min(ir.end));
             debug_assert!(kind == UnmapKind::Cut || (s == a.iova && e == a_end));
             let reg = region.unwrap_or_else(|| self.region(a.region).expect("area of a region"));
-            restore.push(MapOp {
-                region: a.region,
-                backing: reg.spec.shared,
-                iova: s,
-                offset: a.offset + (s - a.iova),
-                len: e - s,
-            });
+            restore.push(piece_map(&a, reg.spec.shared, s..e));
             let added = isize::from(a.iova < ir.start) + isize::from(a_end > ir.end);
             return Some((
                 UnmapOp {
@@ -601,13 +595,7 @@ impl Tracker {
                 Some(r) if r.id == a.region => r,
                 _ => *region.insert(self.region(a.region).expect("area of a region")),
             };
-            restore.push(MapOp {
-                region: a.region,
-                backing: reg.spec.shared,
-                iova: s,
-                offset: a.offset + (s - a.iova),
-                len: e - s,
-            });
+            restore.push(piece_map(a, reg.spec.shared, s..e));
             last.get_or_insert(*a);
             first = Some(*a);
             count += 1;
@@ -727,6 +715,18 @@ fn check_piece(reg: &Region, piece: Range<u64>, range: &Range<u64>) -> Result<()
         }
     }
     Ok(())
+}
+
+/// The map that puts IOVA range `r` of area `a` back (an unmap's restore piece).
+#[inline]
+fn piece_map(a: &Area, backing: Backing, r: Range<u64>) -> MapOp {
+    MapOp {
+        region: a.region,
+        backing,
+        iova: r.start,
+        offset: a.offset + (r.start - a.iova),
+        len: r.end - r.start,
+    }
 }
 
 /// The discard of GPA range `r` of `reg`'s shared backing.
